@@ -5,7 +5,7 @@ VENV := .venv
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup setup-dev serve test smoke keys
+.PHONY: setup setup-dev serve test test-fast lint smoke keys
 
 setup:
 	scripts/setup.sh
@@ -17,8 +17,19 @@ setup-dev:
 serve: setup
 	$(VENV)/bin/bentoml serve service:LLMux
 
-test: setup-dev
+test: setup-dev lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Everything but the modules marked slow (real models, live servers, image builds): under a minute.
+test-fast: setup-dev lint
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+
+# ruff (lint + format check) and mypy over the packages; both must be clean.
+LINTED := service.py llmux runners llmux_policy scripts tests
+lint: setup-dev
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy
 
 # Drive a running llmux with the openai SDK: models, streamed chat, speech, transcription back.
 # LLMUX_URL (default http://127.0.0.1:8081) and LLMUX_API_KEY (default: the embedded key file).

@@ -12,14 +12,14 @@ import sys
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
-import bentoml  # noqa: E402 - telemetry must be off before bentoml is imported
+import bentoml
 
-from llmux import logs  # noqa: E402
-from llmux.app import build_state, create_app  # noqa: E402
-from llmux.config import ConfigError  # noqa: E402
-from llmux.first_run import ensure_local_key  # noqa: E402
-from llmux.settings import Settings  # noqa: E402
-from llmux_policy.metrics import WorkerResidencyMetrics  # noqa: E402
+from llmux import logs
+from llmux.app import build_state, create_app
+from llmux.core.config import ConfigError
+from llmux.first_run import ensure_local_key
+from llmux.settings import Settings
+from llmux_policy.metrics import WorkerResidencyMetrics
 
 logs.install()
 try:

@@ -18,10 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
 from llmux import logs
-from llmux.chat.session import ChatService
-from llmux.config import load_registry
-from llmux.errors import ApiError, BadRequest
-from llmux.gpu import NvmlMemoryProbe
+from llmux.core.config import load_registry
+from llmux.core.errors import ApiError, BadRequest
+from llmux.core.gpu import NvmlMemoryProbe
 from llmux.keys import KeyRing, create_keys_hint
 from llmux.middleware import (
     ApiKeyMiddleware,
@@ -30,6 +29,7 @@ from llmux.middleware import (
     error_response,
 )
 from llmux.routes import chat, health, models, speech, transcriptions
+from llmux.services.chat import ChatService
 from llmux.settings import Settings
 from llmux.state import AppState
 from llmux.voices import load_voices
@@ -48,7 +48,9 @@ BENTOML_PAGES = ("/docs.json", "/schema.json", "/static_content/{rest:path}", "/
 
 
 def build_state(
-    settings: Settings, *, metrics: ResidencyMetricsSink | None = None,
+    settings: Settings,
+    *,
+    metrics: ResidencyMetricsSink | None = None,
     probe: MemoryProbe | None = None,
 ) -> AppState:
     """Read and validate the config files (ConfigError names the file and field) and set up
@@ -56,8 +58,11 @@ def build_state(
     registry = load_registry(settings.models_file)
     keys = KeyRing.load(settings.api_keys_file)
     if keys.empty:
-        log.warning("no API keys at %s: every /v1 call gets 401; %s", settings.api_keys_file,
-                    create_keys_hint(settings.api_keys_file))
+        log.warning(
+            "no API keys at %s: every /v1 call gets 401; %s",
+            settings.api_keys_file,
+            create_keys_hint(settings.api_keys_file),
+        )
     probe = probe if probe is not None else NvmlMemoryProbe()
     budget = default_budget_bytes(registry.gpu_budget_gb, probe.total_bytes())
 
@@ -65,9 +70,14 @@ def build_state(
         return make_runner(physical_id, registry.physical_models[physical_id], settings.models_dir)
 
     residency = Residency(registry, runner_for, budget, probe=probe, metrics=metrics)
-    return AppState(settings=settings, registry=registry, keys=keys, residency=residency,
-                    chat=ChatService(registry, residency),
-                    voices=load_voices(settings.voices_file, settings.models_dir))
+    return AppState(
+        settings=settings,
+        registry=registry,
+        keys=keys,
+        residency=residency,
+        chat=ChatService(registry, residency),
+        voices=load_voices(settings.voices_file, settings.models_dir),
+    )
 
 
 def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
@@ -80,7 +90,10 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
         await state.residency.close()  # unloads every model; waits for requests in flight
 
     app = FastAPI(
-        title="llmux", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+        title="llmux",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
         lifespan=lifespan,
     )
     app.state.llmux = state
@@ -97,8 +110,11 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     app.add_middleware(ApiKeyMiddleware, keys=state.keys, open_paths=open_paths)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(
-        CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-        allow_headers=["*"], expose_headers=["X-Request-ID"],
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=["X-Request-ID"],
     )
     app.add_middleware(RequestContextMiddleware)
     return app
@@ -119,14 +135,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(ApiError(message, status=exc.status_code), dict(exc.headers or {}))
 
 
-
 def _validation_error(exc: RequestValidationError) -> BadRequest:
     first = exc.errors()[0] if exc.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", "")
-        return BadRequest(f"The request body is not valid JSON: {detail}" if detail else
-                          "The request body is not valid JSON.")
+        return BadRequest(
+            f"The request body is not valid JSON: {detail}"
+            if detail
+            else "The request body is not valid JSON."
+        )
     param = ".".join(location) or None
     message = first.get("msg", "Invalid request")
     return BadRequest(f"{message}: {param}" if param else message, param=param)
@@ -140,10 +158,15 @@ def _install_fallback_routes(app: FastAPI) -> None:
         if allowed:
             raise ApiError(
                 f"Method {request.method} is not allowed on {request.url.path}; use "
-                f"{', '.join(allowed)}.", status=405, code="method_not_allowed",
+                f"{', '.join(allowed)}.",
+                status=405,
+                code="method_not_allowed",
             )
-        raise ApiError(f"No such endpoint: {request.method} {request.url.path}.", status=404,
-                       code="unknown_url")
+        raise ApiError(
+            f"No such endpoint: {request.method} {request.url.path}.",
+            status=404,
+            code="unknown_url",
+        )
 
     app.add_api_route("/v1/{rest:path}", not_routed, methods=HTTP_METHODS, include_in_schema=False)
     for path in BENTOML_PAGES:

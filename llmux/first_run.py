@@ -26,7 +26,8 @@ def ensure_local_key(settings: Settings) -> str | None:
     except FileExistsError:  # another process (BentoML's worker) made it first
         return None
     host = os.environ.get("BENTOML_HOST", "127.0.0.1")
-    base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{os.environ.get('BENTOML_PORT', '8081')}"
+    port = os.environ.get("BENTOML_PORT", "8081")
+    base = f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
     return f"""
 llmux: first start of the embedded default: created an API key in {path} (mode 0600).
 It is reused on every later start. Try it:

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmux.config import ConfigError, describe_validation_error, read_yaml
+from llmux.core.config import ConfigError, describe_validation_error, read_yaml
 
 KEY_PREFIX = "sk-llmux-"
 DEFAULT_CLIENTS = ("open-webui", "whisper-clients", "opencode")
@@ -26,7 +26,6 @@ DEFAULT_CLIENTS = ("open-webui", "whisper-clients", "opencode")
 
 def create_keys_hint(path: Path) -> str:
     return f"create keys with `python -m llmux.keys --out {path}` and restart llmux"
-
 
 
 class ApiKeyEntry(BaseModel):
@@ -116,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Generate one strong API key per client and write api_keys.yaml (mode 0600).",
     )
     parser.add_argument(
-        "clients", nargs="*", default=list(DEFAULT_CLIENTS),
+        "clients",
+        nargs="*",
+        default=list(DEFAULT_CLIENTS),
         help=f"client names (default: {' '.join(DEFAULT_CLIENTS)})",
     )
     parser.add_argument("--out", type=Path, required=True, help="the api_keys.yaml to write")

@@ -6,6 +6,7 @@ through untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -15,7 +16,7 @@ from typing import Any
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from llmux.errors import ApiError, Unauthorized, envelope
+from llmux.core.errors import ApiError, Unauthorized, envelope
 from llmux.keys import KeyRing, create_keys_hint
 from llmux.logs import request_id_var
 
@@ -61,7 +62,8 @@ class RequestContextMiddleware:
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [
-                    *message["headers"], (b"x-request-id", request_id.encode("ascii"))
+                    *message["headers"],
+                    (b"x-request-id", request_id.encode("ascii")),
                 ]
             await send(message)
 
@@ -73,15 +75,22 @@ class RequestContextMiddleware:
             log.exception("unhandled error")
             if not status:
                 await JSONResponse(
-                    envelope(500, f"Internal server error (request id {request_id}); the server "
-                                  "log has the details."),
+                    envelope(
+                        500,
+                        f"Internal server error (request id {request_id}); the server "
+                        "log has the details.",
+                    ),
                     status_code=500,
                 )(scope, receive, send_with_id)
         finally:
             client = scope["state"].get("client_name", "-")
             log.info(
-                "%s %s %s %.0fms client=%s", scope["method"], scope["path"], status or "-",
-                (time.perf_counter() - started) * 1000, client,
+                "%s %s %s %.0fms client=%s",
+                scope["method"],
+                scope["path"],
+                status or "-",
+                (time.perf_counter() - started) * 1000,
+                client,
             )
             request_id_var.reset(token)
 
@@ -122,10 +131,8 @@ class BodyLimitMiddleware:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
+        with contextlib.suppress(BodyTooLarge):
             await self.app(scope, counting_receive, guarded_send)
-        except BodyTooLarge:
-            pass
         if exceeded and not started:
             await error_response(BodyTooLarge(self.limit))(scope, receive, send)
 
@@ -163,9 +170,7 @@ class ApiKeyMiddleware:
             )
         scheme, _, token = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return Unauthorized(
-                "Missing API key: send it as `Authorization: Bearer <key>`."
-            )
+            return Unauthorized("Missing API key: send it as `Authorization: Bearer <key>`.")
         client = self.keys.client_for(token.strip())
         if client is None:
             return Unauthorized("Invalid API key.")

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
-from llmux.config import Registry
+from llmux.core.config import Registry
 from llmux.keys import KeyRing
 from llmux.settings import Settings
 from llmux.voices import Voices
 
 if TYPE_CHECKING:
-    from llmux.chat.session import ChatService
+    from llmux.services.chat import ChatService
     from llmux_policy.executor import Residency
 
 

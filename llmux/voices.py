@@ -28,27 +28,67 @@ from typing import Literal, get_args
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from llmux.config import ConfigError, PhysicalModel, _Strict, describe_validation_error, read_yaml
-from llmux.errors import BadRequest
+from llmux.core.config import (
+    ConfigError,
+    PhysicalModel,
+    StrictModel,
+    describe_validation_error,
+    read_yaml,
+)
+from llmux.core.errors import BadRequest
 
 log = logging.getLogger(__name__)
 
 OpenAIVoice = Literal[
-    "alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
-    "marin", "cedar",
+    "alloy",
+    "ash",
+    "ballad",
+    "coral",
+    "echo",
+    "fable",
+    "onyx",
+    "nova",
+    "sage",
+    "shimmer",
+    "verse",
+    "marin",
+    "cedar",
 ]
 OPENAI_VOICES: tuple[str, ...] = get_args(OpenAIVoice)
 BUILTIN_VOICE = "default"
 
 # chatterbox.mtl_tts.SUPPORTED_LANGUAGES (chatterbox-tts 0.1.7), kept here so that a request is
 # checked without importing the backend; tests/test_voices.py compares the two.
-MULTILINGUAL_LANGUAGES = frozenset({
-    "ar", "da", "de", "el", "en", "es", "fi", "fr", "he", "hi", "it", "ja", "ko", "ms", "nl", "no",
-    "pl", "pt", "ru", "sv", "sw", "tr", "zh",
-})
+MULTILINGUAL_LANGUAGES = frozenset(
+    {
+        "ar",
+        "da",
+        "de",
+        "el",
+        "en",
+        "es",
+        "fi",
+        "fr",
+        "he",
+        "hi",
+        "it",
+        "ja",
+        "ko",
+        "ms",
+        "nl",
+        "no",
+        "pl",
+        "pt",
+        "ru",
+        "sv",
+        "sw",
+        "tr",
+        "zh",
+    }
+)
 
 
-class VoiceEntry(_Strict):
+class VoiceEntry(StrictModel):
     """One voice clients can ask for by name."""
 
     reference: str | None = Field(
@@ -72,7 +112,7 @@ class VoiceEntry(_Strict):
         return language
 
 
-class VoicesFile(_Strict):
+class VoicesFile(StrictModel):
     """The whole voices.yaml."""
 
     voices: dict[str, VoiceEntry] = Field(default_factory=dict)
@@ -127,7 +167,7 @@ class Voices:
             reference = models_dir / entry.reference if entry.reference else None  # abs stays abs
             language = normalize_language(entry.language) if entry.language else None
             voices[voice_id] = Voice(voice_id, entry.name or voice_id, reference, language)
-        mapped: dict[str, str] = dict(file.openai_voices)
+        mapped: dict[str, str] = {str(name): voice for name, voice in file.openai_voices.items()}
         aliases = {name: mapped.get(name, file.default_voice) for name in OPENAI_VOICES}
         return cls(voices, aliases)
 
@@ -138,9 +178,11 @@ class Voices:
         """(id, display name) of every name a client may send, configured voices first, then
         OpenAI's names. Without `clips`, only the names that mean a built-in voice."""
         rows = [(v.id, v.name) for v in self.voices.values() if clips or v.reference is None]
-        rows += [(alias, f"{alias} ({self.voices[target].name})")
-                 for alias, target in self.aliases.items()
-                 if clips or self.voices[target].reference is None]
+        rows += [
+            (alias, f"{alias} ({self.voices[target].name})")
+            for alias, target in self.aliases.items()
+            if clips or self.voices[target].reference is None
+        ]
         return rows
 
 
@@ -164,8 +206,12 @@ def load_voices(path: Path, models_dir: Path) -> Voices:
         raise ConfigError(describe_validation_error(path, exc)) from None
     for voice in voices.voices.values():
         if voice.reference is not None and not voice.reference.is_file():
-            log.warning("%s: voice %r: reference clip %s does not exist (yet)", path, voice.id,
-                        voice.reference)
+            log.warning(
+                "%s: voice %r: reference clip %s does not exist (yet)",
+                path,
+                voice.id,
+                voice.reference,
+            )
     return voices
 
 
@@ -223,7 +269,7 @@ def choose_voice(
                 param="language",
             )
     elif voice.language in abilities.languages:
-        chosen = voice.language  # type: ignore[assignment]
+        chosen = voice.language
     else:
         chosen = abilities.default_language
     return voice, chosen

@@ -53,11 +53,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from types import TracebackType
-from typing import TypedDict, TypeVar
+from typing import Literal, TypedDict
 
-from llmux.concurrency import run_to_end
-from llmux.config import ModelType, PhysicalModel, Registry
-from llmux.errors import ApiError, ModelNotFound, ModelUnavailable
+from llmux.core.concurrency import run_to_end
+from llmux.core.config import ModelType, PhysicalModel, Registry
+from llmux.core.errors import ApiError, ModelNotFound, ModelUnavailable
 from llmux_policy.memory import MemoryProbe
 from llmux_policy.metrics import EvictionCause, NoMetrics, ResidencyMetricsSink
 from llmux_policy.planner import (
@@ -76,8 +76,6 @@ from runners.base import ModelLoadError, Runner
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 class ResidentInfo(TypedDict):
     physical_id: str
@@ -89,6 +87,7 @@ class ResidentInfo(TypedDict):
     in_flight: int
     evicting: bool  # a swap waits to evict it; new requests for it wait
     last_used_at: str | None  # ISO 8601, UTC
+    loads: int  # loads of this model that succeeded since start
 
 
 class ResidencySnapshot(TypedDict):
@@ -165,6 +164,7 @@ class Residency:
         self._swaps: dict[str, _Swap] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._measured: dict[str, int] = {}
+        self._loads: dict[str, int] = {}  # successful loads per model, for /health
         self._device_changes = 0  # loads and unloads done, to tell whether a reading is clean
         self._waiting = 0
         self._closed = False
@@ -435,13 +435,14 @@ class Residency:
         except BaseException as exc:
             self._forget(entry)
             cancelled = isinstance(exc, asyncio.CancelledError)
-            outcome = "cancelled" if cancelled else "error"
+            outcome: Literal["cancelled", "error"] = "cancelled" if cancelled else "error"
             self._metrics.load_finished(physical_id, outcome, time.monotonic() - started)
             await self._discard(runner)
             if isinstance(exc, Exception) and not isinstance(exc, ModelLoadError):
                 raise _load_failed(physical_id, exc) from exc
             raise
         self._metrics.load_finished(physical_id, "ok", time.monotonic() - started)
+        self._loads[physical_id] = self._loads.get(physical_id, 0) + 1
         self._device_changes += 1
         if measured is not None:
             self._measured[physical_id] = measured
@@ -494,6 +495,7 @@ class Residency:
                 "in_flight": entry.in_flight,
                 "evicting": entry.evicting,
                 "last_used_at": _iso(entry.last_used_at),
+                "loads": self._loads.get(entry.physical_id, 0),
             }
             for entry in self._entries.values()
         ]
@@ -506,9 +508,7 @@ class Residency:
             "models": models,
         }
 
-    async def wait_until(
-        self, predicate: Callable[[ResidencySnapshot], bool]
-    ) -> ResidencySnapshot:
+    async def wait_until(self, predicate: Callable[[ResidencySnapshot], bool]) -> ResidencySnapshot:
         """Block until `predicate(snapshot())` holds, checking again after every change of state.
 
         For readiness checks and tests; it has no time limit of its own.

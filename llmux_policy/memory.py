@@ -1,6 +1,6 @@
 """Device memory: the budget llmux may fill and the probe that measures what a load took.
 
-Nothing here touches a GPU: the service supplies the probe (`llmux.gpu.NvmlMemoryProbe`), since
+Nothing here touches a GPU: the service supplies the probe (`llmux.core.gpu.NvmlMemoryProbe`), since
 BentoML imports the service, and so this package, in its parent process too.
 """
 
@@ -40,3 +40,5 @@ class MemoryProbe(Protocol):
     def used_bytes(self) -> int | None:
         """Device memory in use, in bytes; None when there is no device to measure."""
 
+    def total_bytes(self) -> int | None:
+        """The device's whole memory, in bytes; None when there is no device."""

@@ -120,7 +120,7 @@ class WorkerResidencyMetrics:
 
     def _sink(self) -> ResidencyMetrics:
         if self._metrics is None:
-            import prometheus_client  # noqa: PLC0415 - deliberately late, see the docstring
+            import prometheus_client
 
             self._metrics = ResidencyMetrics(prometheus_client)
         return self._metrics

@@ -1,4 +1,4 @@
-"""The residency policy as a pure function (SPEC section 4, VRAM-001..006).
+"""The residency policy as a pure function (the rules and their reasons: docs/residency.md).
 
 `plan_residency(resident, request, budget_bytes)` looks at what is on the GPU and says what to do to
 serve one more model: nothing (it is already there), load it after some evictions, wait for busy
@@ -10,12 +10,13 @@ The rules, in the order they are applied:
 1. A model that is already resident (in any state) needs nothing: `AlreadyResident`.
 2. A model bigger than the whole budget can never be served: `Refuse`.
 3. At most one LLM and at most one TTS: a resident model of the requested type is replaced
-   (evictions with reason `replace_same_type`). ASR models have no such limit.
+   (evictions with reason `replace_same_type`). ASR and embedding models have no such limit.
 4. If the request now fits beside what stays, load it alongside: `Load` with only those evictions.
-5. Otherwise make room: victims in eviction order, lowest priority first (LLM, then TTS, then ASR;
-   ASR has the highest priority), least recently used first within a type, taken until the request
-   fits (reason `make_room`). The victims are always a prefix of that order, so a higher-priority
-   model is never taken while a lower-priority one could be taken instead.
+5. Otherwise make room: victims in eviction order, lowest priority first (LLM, then TTS, then ASR
+   and embedding models; those have the highest priority), least recently used first within a
+   type, taken until the request fits (reason `make_room`). The victims are always a prefix of
+   that order, so a higher-priority model is never taken while a lower-priority one could be
+   taken instead.
 6. A busy model (requests in flight, or not `ready`) is never a victim. If the evictions of steps 3
    and 5 include busy models, the plan is `Wait`: it names the busy ones (`waiting_for`) and the
    evictions it will make once they are idle. The planner never picks a higher-priority idle model
@@ -34,13 +35,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from llmux.config import ModelType
+from llmux.core.config import ModelType
 
 ResidentState = Literal["loading", "ready", "unloading"]
 EvictionReason = Literal["replace_same_type", "make_room"]
 
-# Eviction order: a lower number goes first. ASR has the highest priority, so it goes last.
-EVICTION_ORDER: dict[ModelType, int] = {"llm": 0, "tts": 1, "asr": 2}
+# Eviction order: a lower number goes first. ASR has the highest priority, so it goes last;
+# embedding models rank with it (small, always on, evicted last).
+EVICTION_ORDER: dict[ModelType, int] = {"llm": 0, "tts": 1, "asr": 2, "embedding": 2}
 
 # Types of which at most one model may be resident; loading another replaces it.
 ONE_AT_A_TIME: frozenset[ModelType] = frozenset({"llm", "tts"})

@@ -6,10 +6,11 @@ runner through `Residency.use(...)`, which keeps it resident while they run.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Protocol
 
-from llmux.errors import ModelUnavailable
+from llmux.core.errors import BadRequest, ModelUnavailable
 
 
 class Runner(Protocol):
@@ -23,7 +24,7 @@ class Runner(Protocol):
     physical_id: str
 
     def load(self) -> None:
-        """Put the weights on the device. Raises `ModelLoadError` with a message a user can act on."""
+        """Put the weights on the device. Raises `ModelLoadError` with a message a user can use."""
 
     def unload(self) -> None:
         """Drop every reference to the weights and return device memory."""
@@ -47,3 +48,47 @@ class WeightsMissing(ModelLoadError):
             f"LLMUX_MODELS_DIR."
         )
         self.path = path
+
+
+class NotLoaded(ModelLoadError):
+    """A runner was asked to work while its weights are not on the device.
+
+    The executor only hands out loaded runners, so this is a bug in llmux, not the client's doing;
+    it still reaches the client as a 503 rather than a crash.
+    """
+
+    code = "model_not_loaded"
+
+    def __init__(self, physical_id: str) -> None:
+        super().__init__(f"{physical_id!r} is not loaded")
+
+
+def completion_budget(
+    physical_id: str, context_length: int, prompt_tokens: int, max_tokens: int | None
+) -> int:
+    """How many tokens the answer may take: what the context has left, capped by `max_tokens`.
+
+    A prompt that already fills the context is the client's to shorten (400)."""
+    if max_tokens is not None and max_tokens < 1:
+        raise BadRequest("max_tokens must be at least 1.", param="max_tokens")
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise BadRequest(
+            f"The prompt is {prompt_tokens} tokens; {physical_id!r} has a context of "
+            f"{context_length} tokens. Shorten the conversation.",
+            param="messages",
+        )
+    return min(room, max_tokens) if max_tokens else room
+
+
+def free_device_memory(on_cuda: bool) -> None:
+    """Hand memory the caller has dropped every reference to back to the device.
+
+    `gc.collect()` first: a model's modules hold reference cycles, and torch's caching allocator
+    can only return blocks whose tensors are gone. Call it after `del`, not while an exception (or
+    a frame) still references the tensors."""
+    gc.collect()
+    if on_cuda:
+        import torch
+
+        torch.cuda.empty_cache()

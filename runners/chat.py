@@ -11,9 +11,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from runners.base import Runner
+
+if TYPE_CHECKING:
+    from openai_harmony import HarmonyEncoding
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class GenerationRequest:
     seed: int | None = None
     # Constrain the output to this JSON schema (response_format, or a forced tool call).
     json_schema: dict[str, Any] | None = None
+    # Decode special tokens into the text (the harmony parser reads gpt-oss's channel markers);
+    # decided with the parser family when the request is prepared.
+    keep_special_tokens: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,3 +65,9 @@ class ChatRunner(Runner, Protocol):
         """Blocking; runs on a worker thread. Yields text as it is decoded and ends with a chunk
         carrying finish_reason and usage. Once `cancel` is set, stops within one token and
         returns (finish_reason "stop"); it never raises because of a cancel."""
+
+    def harmony_encoding(self) -> HarmonyEncoding | None:
+        """openai-harmony's gpt-oss encoding over this model's vocabulary, so the harmony parser
+        can read token ids; None when this runner cannot build one (the parser then reads the
+        text). Asked only for harmony-family models, on a worker thread (it may write a cache
+        file); kept until `unload`."""

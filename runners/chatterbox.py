@@ -16,7 +16,6 @@ carries Resemble's Perth watermark, as the classes apply it; a load without it i
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from pathlib import Path
@@ -24,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from llmux.config import PhysicalModel
-from llmux.errors import ApiError, BadRequest
-from runners.base import ModelLoadError, WeightsMissing
+from llmux.core.config import PhysicalModel
+from llmux.core.errors import ApiError, BadRequest
+from runners.base import ModelLoadError, NotLoaded, WeightsMissing, free_device_memory
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +34,34 @@ SAMPLE_RATE = 24_000  # chatterbox.models.s3gen.S3GEN_SR
 # The files each variant's from_local opens; tokenizer_config.json stands for Turbo's tokenizer.
 REQUIRED_FILES: dict[str, tuple[str, ...]] = {
     "original": ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json"),
-    "turbo": ("ve.safetensors", "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors",
-              "tokenizer_config.json"),
-    "multilingual": ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt",
-                     "grapheme_mtl_merged_expanded_v1.json"),
+    "turbo": (
+        "ve.safetensors",
+        "t3_turbo_v1.safetensors",
+        "s3gen_meanflow.safetensors",
+        "tokenizer_config.json",
+    ),
+    "multilingual": (
+        "ve.pt",
+        "t3_mtl23ls_v2.safetensors",
+        "s3gen.pt",
+        "grapheme_mtl_merged_expanded_v1.json",
+    ),
 }
 
 
-def _original() -> type:
+def _original() -> Any:
     from chatterbox.tts import ChatterboxTTS
 
     return ChatterboxTTS
 
 
-def _turbo() -> type:
+def _turbo() -> Any:
     from chatterbox.tts_turbo import ChatterboxTurboTTS
 
     return ChatterboxTurboTTS
 
 
-def _multilingual() -> type:
+def _multilingual() -> Any:
     from chatterbox.mtl_tts import ChatterboxMultilingualTTS
 
     return ChatterboxMultilingualTTS
@@ -79,6 +86,7 @@ class ChatterboxRunner:
         self._builtin: Any = None  # the conditionals of conds.pt, None without one
         self._cloned: dict[Path, Any] = {}  # reference clip -> its conditionals
         self._lock = threading.Lock()
+        self._on_cuda = False
 
     def load(self) -> None:
         for name in REQUIRED_FILES[self.variant]:
@@ -88,6 +96,7 @@ class ChatterboxRunner:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._on_cuda = device == "cuda"
         try:
             model = load_chatterbox(self.variant, self.weights, device)
         except Exception as exc:  # wrong shapes, truncated files: the folder is not this variant
@@ -97,21 +106,20 @@ class ChatterboxRunner:
             ) from exc
         self._model = model
         self._builtin = model.conds
-        log.info("loaded chatterbox %s from %s on %s (built-in voice: %s)", self.variant,
-                 self.weights, device, "yes" if model.conds is not None else "no")
+        log.info(
+            "loaded chatterbox %s from %s on %s (built-in voice: %s)",
+            self.variant,
+            self.weights,
+            device,
+            "yes" if model.conds is not None else "no",
+        )
 
     def unload(self) -> None:
         with self._lock:  # a generate still running keeps its model until it returns
             self._model = None
             self._builtin = None
             self._cloned.clear()
-        gc.collect()
-        try:
-            import torch
-        except ImportError:
-            return
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_device_memory(self._on_cuda)
 
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
         """Synthesize `text`; blocks until this model's earlier requests are done.
@@ -123,7 +131,7 @@ class ChatterboxRunner:
         with self._lock:
             model = self._model
             if model is None:
-                raise RuntimeError(f"{self.physical_id} is not loaded")
+                raise NotLoaded(self.physical_id)
             model.conds = self._conditionals(model, voice)
             kwargs: dict[str, Any] = {}
             if self.variant == "multilingual":
@@ -150,13 +158,19 @@ class ChatterboxRunner:
             return self._builtin
         if voice not in self._cloned:
             if not voice.is_file():
-                raise ApiError(f"The reference clip {voice} is missing on the server.",
-                               status=503, code="voice_unavailable")
+                raise ApiError(
+                    f"The reference clip {voice} is missing on the server.",
+                    status=503,
+                    code="voice_unavailable",
+                )
             try:
                 model.prepare_conditionals(str(voice))
             except AssertionError as exc:  # Turbo: "Audio prompt must be longer than 5 seconds!"
-                raise ApiError(f"The reference clip {voice} is unusable for {self.physical_id}: "
-                               f"{exc}", status=503, code="voice_unavailable") from exc
+                raise ApiError(
+                    f"The reference clip {voice} is unusable for {self.physical_id}: {exc}",
+                    status=503,
+                    code="voice_unavailable",
+                ) from exc
             self._cloned[voice] = model.conds
         return self._cloned[voice]
 
@@ -183,7 +197,7 @@ def _quiet_progress_bars() -> None:
 
     for module in (t3, flow_matching):
         if getattr(module, "tqdm", None) is tqdm:
-            module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[attr-defined]
+            module.tqdm = functools.partial(tqdm, disable=True)
 
 
 def _cangjie_from_folder() -> None:
@@ -193,12 +207,14 @@ def _cangjie_from_folder() -> None:
     and without it Chinese is tokenized without Cangjie codes (the tokenizer logs that)."""
     from chatterbox.models.tokenizers import tokenizer
 
-    def local_file(repo_id: str, filename: str, cache_dir: str | Path | None = None,
-                   **_: Any) -> str:
+    def local_file(
+        repo_id: str, filename: str, cache_dir: str | Path | None = None, **_: Any
+    ) -> str:
         path = Path(cache_dir or ".") / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (llmux does not download {repo_id} files "
-                                    "at run time)")
+            raise FileNotFoundError(
+                f"{path} is missing (llmux does not download {repo_id} files at run time)"
+            )
         return str(path)
 
     tokenizer.hf_hub_download = local_file

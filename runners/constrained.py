@@ -17,7 +17,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from llmux.errors import BadRequest
+from llmux.core.errors import BadRequest
 
 if TYPE_CHECKING:
     from transformers import LogitsProcessor, PreTrainedTokenizerBase
@@ -64,7 +64,8 @@ class JsonSchemaConstraints:
                 import xgrammar
 
                 info = xgrammar.TokenizerInfo.from_huggingface(
-                    self._tokenizer, vocab_size=self._vocab_size,
+                    self._tokenizer,
+                    vocab_size=self._vocab_size,
                     stop_token_ids=self._stop_token_ids,
                 )
                 self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)

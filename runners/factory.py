@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib import import_module
 from pathlib import Path
 
-from llmux.config import PhysicalModel
+from llmux.core.config import PhysicalModel
 from runners.base import ModelLoadError, Runner
 
 RUNNER_CLASSES: dict[tuple[str, str], str] = {
@@ -19,6 +19,7 @@ RUNNER_CLASSES: dict[tuple[str, str], str] = {
     ("faster_whisper", "asr"): "runners.faster_whisper:FasterWhisperRunner",
     ("chatterbox", "tts"): "runners.chatterbox:ChatterboxRunner",
     ("piper", "tts"): "runners.piper:PiperRunner",
+    ("transformers", "embedding"): "runners.embeddings:TransformersEmbeddingRunner",
 }
 
 

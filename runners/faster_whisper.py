@@ -8,15 +8,14 @@ and carries the text of one window over as context into the next.
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llmux.config import PhysicalModel
-from runners.base import ModelLoadError, WeightsMissing
+from llmux.core.config import PhysicalModel
+from runners.base import ModelLoadError, NotLoaded, WeightsMissing, free_device_memory
 from runners.transcription import (
     FALLBACK_TEMPERATURES,
     SAMPLE_RATE,
@@ -48,8 +47,8 @@ class FasterWhisperRunner:
     def load(self) -> None:
         if not (self.weights / "model.bin").is_file():
             raise WeightsMissing(self.physical_id, self.weights)
-        import ctranslate2  # noqa: PLC0415 - heavy; only when the model loads
-        from faster_whisper import WhisperModel  # noqa: PLC0415
+        import ctranslate2
+        from faster_whisper import WhisperModel
 
         on_gpu = ctranslate2.get_cuda_device_count() > 0
         device, compute_type = ("cuda", "float16") if on_gpu else ("cpu", "int8")
@@ -63,19 +62,21 @@ class FasterWhisperRunner:
                 f"{device} ({compute_type}): {exc}"
             ) from exc
         self._languages = frozenset(self._model.supported_languages)
-        log.info("loaded %s from %s on %s (%s)", self.physical_id, self.weights, device,
-                 compute_type)
+        log.info(
+            "loaded %s from %s on %s (%s)", self.physical_id, self.weights, device, compute_type
+        )
 
     def unload(self) -> None:
         self._model = None
-        gc.collect()  # CTranslate2 frees device memory when the model object is collected
+        # CTranslate2 frees device memory when the model object is collected; it has no cache.
+        free_device_memory(on_cuda=False)
 
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, prompt: str | None, temperature: float
     ) -> Transcript:
         model = self._model
         if model is None:
-            raise RuntimeError(f"{self.physical_id} is not loaded")
+            raise NotLoaded(self.physical_id)
         if language is not None and language not in self._languages:
             raise UnsupportedLanguage(self.physical_id, language, self._languages)
         segments, info = model.transcribe(
@@ -89,9 +90,14 @@ class FasterWhisperRunner:
         decoded = list(segments)
         found = tuple(
             Segment(
-                start=s.start, end=s.end, text=s.text.strip(), tokens=tuple(s.tokens),
-                temperature=s.temperature or 0.0, avg_logprob=s.avg_logprob,
-                compression_ratio=s.compression_ratio, no_speech_prob=s.no_speech_prob,
+                start=s.start,
+                end=s.end,
+                text=s.text.strip(),
+                tokens=tuple(s.tokens),
+                temperature=s.temperature or 0.0,
+                avg_logprob=s.avg_logprob,
+                compression_ratio=s.compression_ratio,
+                no_speech_prob=s.no_speech_prob,
             )
             for s in decoded
         )

@@ -20,17 +20,18 @@ import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from llmux.config import PhysicalModel
-from llmux.errors import BadRequest
-from runners.base import ModelLoadError, WeightsMissing
+from llmux.core.config import PhysicalModel
+from llmux.core.errors import BadRequest
+from runners.base import ModelLoadError, NotLoaded, WeightsMissing, completion_budget
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.templates import compile_template, read_template, render
 
 if TYPE_CHECKING:
     import jinja2
     from llama_cpp import Llama
+    from openai_harmony import HarmonyEncoding
 
 log = logging.getLogger("llmux.runners.llamacpp")
 DEFAULT_CONTEXT = 8192
@@ -45,8 +46,6 @@ class LlamaCppChatRunner:
         self.spec = spec
         self.weights = weights
         self.context_length = spec.context_length or DEFAULT_CONTEXT
-        # Harmony output is read from its special tokens, so they stay in the text.
-        self._keep_special = spec.output_parser(physical_id) == "harmony"
         self._llm: Llama | None = None
         self._template: jinja2.Template | None = None
         self._vision: Any = None
@@ -69,14 +68,19 @@ class LlamaCppChatRunner:
             vision = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
         try:
             llm = Llama(
-                model_path=str(model_file), n_ctx=self.context_length,
+                model_path=str(model_file),
+                n_ctx=self.context_length,
                 n_gpu_layers=-1 if self.spec.n_gpu_layers is None else self.spec.n_gpu_layers,
-                chat_handler=vision, verbose=False,
+                chat_handler=vision,
+                verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {model_file}: {exc}") from exc
-        source = (read_template(self.spec.chat_template) if self.spec.chat_template
-                  else llm.metadata.get("tokenizer.chat_template"))
+        source = (
+            read_template(self.spec.chat_template)
+            if self.spec.chat_template
+            else llm.metadata.get("tokenizer.chat_template")
+        )
         if not source:
             llm.close()
             raise ModelLoadError(
@@ -90,13 +94,19 @@ class LlamaCppChatRunner:
         if llm is not None:
             llm.close()
 
+    def harmony_encoding(self) -> HarmonyEncoding | None:
+        return None  # harmony output is parsed from its text, whose special tokens are kept
+
     # --- ChatRunner ---------------------------------------------------------------------------
 
     def render_prompt(self, request: GenerationRequest) -> str:
         llm, template = self._require()
         return render(
-            template, request.messages, tools=request.tools,
-            bos_token=self._piece(llm.token_bos()), eos_token=self._piece(llm.token_eos()),
+            template,
+            request.messages,
+            tools=request.tools,
+            bos_token=self._piece(llm.token_bos()),
+            eos_token=self._piece(llm.token_eos()),
             template_kwargs=request.template_kwargs,
         )
 
@@ -107,32 +117,43 @@ class LlamaCppChatRunner:
             yield from self._generate_with_images(request, cancel)
             return
         llm, _ = self._require()
-        prompt = llm.tokenize(self.render_prompt(request).encode("utf-8"), add_bos=False,
-                              special=True)
-        budget = self._completion_budget(len(prompt), request.max_tokens)
+        prompt = llm.tokenize(
+            self.render_prompt(request).encode("utf-8"), add_bos=False, special=True
+        )
+        budget = completion_budget(
+            self.physical_id, self.context_length, len(prompt), request.max_tokens
+        )
         llm.set_seed(request.seed if request.seed is not None else random.getrandbits(31))
         import llama_cpp
 
         tokens = llm.generate(
-            prompt, temp=_or(request.temperature, DEFAULT_TEMPERATURE),
-            top_p=_or(request.top_p, DEFAULT_TOP_P), top_k=0, min_p=0.0, repeat_penalty=1.0,
+            prompt,
+            temp=_or(request.temperature, DEFAULT_TEMPERATURE),
+            top_p=_or(request.top_p, DEFAULT_TOP_P),
+            top_k=0,
+            min_p=0.0,
+            repeat_penalty=1.0,
             grammar=self._grammar(request.json_schema),
         )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         produced = 0
-        finish = "stop"
+        finish: Literal["stop", "length"] = "stop"
         for token in tokens:
             if cancel.is_set() or llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                 break
             produced += 1
-            text = decoder.decode(llm.detokenize([token], special=self._keep_special))
+            text = decoder.decode(llm.detokenize([token], special=request.keep_special_tokens))
             yield GenerationChunk(text=text, token_ids=(token,))
             if produced >= budget:
                 finish = "length"
                 break
         tokens.close()
-        yield GenerationChunk(text=decoder.decode(b"", final=True), finish_reason=finish,
-                              prompt_tokens=len(prompt), completion_tokens=produced)
+        yield GenerationChunk(
+            text=decoder.decode(b"", final=True),
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            completion_tokens=produced,
+        )
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -141,17 +162,24 @@ class LlamaCppChatRunner:
     ) -> Iterator[GenerationChunk]:
         llm, _ = self._require()
         if self._vision is None:
-            raise BadRequest(f"{self.physical_id!r} has no mmproj_file, so it cannot see images.",
-                             param="messages")
+            raise BadRequest(
+                f"{self.physical_id!r} has no mmproj_file, so it cannot see images.",
+                param="messages",
+            )
         stream = self._vision(
-            llama=llm, messages=_with_image_urls(request), tools=request.tools, stream=True,
+            llama=llm,
+            messages=_with_image_urls(request),
+            tools=request.tools,
+            stream=True,
             temperature=_or(request.temperature, DEFAULT_TEMPERATURE),
-            top_p=_or(request.top_p, DEFAULT_TOP_P), seed=request.seed,
-            max_tokens=request.max_tokens, grammar=self._grammar(request.json_schema),
+            top_p=_or(request.top_p, DEFAULT_TOP_P),
+            seed=request.seed,
+            max_tokens=request.max_tokens,
+            grammar=self._grammar(request.json_schema),
             **request.template_kwargs,
         )
         produced = 0
-        finish = "stop"
+        finish: Literal["stop", "length"] = "stop"
         for chunk in stream:
             if cancel.is_set():
                 break
@@ -162,28 +190,22 @@ class LlamaCppChatRunner:
                 yield GenerationChunk(text=text)
             if choice.get("finish_reason") == "length":
                 finish = "length"
-        yield GenerationChunk(finish_reason=finish, prompt_tokens=llm.n_tokens - produced,
-                              completion_tokens=produced)
-
-    def _completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        room = self.context_length - prompt_tokens
-        if room <= 0:
-            raise BadRequest(
-                f"The prompt is {prompt_tokens} tokens; {self.physical_id!r} has a context of "
-                f"{self.context_length}. Shorten the conversation.", param="messages",
-            )
-        return min(room, max_tokens) if max_tokens else room
+        yield GenerationChunk(
+            finish_reason=finish, prompt_tokens=llm.n_tokens - produced, completion_tokens=produced
+        )
 
     def _grammar(self, schema: dict[str, Any] | None) -> Any:
         if schema is None:
             return None
-        from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import LlamaGrammar
 
         try:
             return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         except (ValueError, RuntimeError, KeyError) as exc:
-            raise BadRequest(f"The JSON schema cannot be used to constrain output: {exc}",
-                             param="response_format") from exc
+            raise BadRequest(
+                f"The JSON schema cannot be used to constrain output: {exc}",
+                param="response_format",
+            ) from exc
 
     def _piece(self, token: int) -> str:
         llm, _ = self._require()
@@ -191,7 +213,7 @@ class LlamaCppChatRunner:
 
     def _require(self) -> tuple[Llama, jinja2.Template]:
         if self._llm is None or self._template is None:
-            raise ModelLoadError(f"{self.physical_id!r} is not loaded")
+            raise NotLoaded(self.physical_id)
         return self._llm, self._template
 
 
@@ -210,9 +232,14 @@ def _with_image_urls(request: GenerationRequest) -> list[dict[str, Any]]:
         content = message.get("content")
         if isinstance(content, list):
             content = [
-                {"type": "image_url", "image_url": {
-                    "url": "data:image/png;base64," + base64.b64encode(next(images)).decode()}}
-                if part.get("type") == "image" else part
+                {
+                    "type": "image_url",
+                    "image_url": {
+                        "url": "data:image/png;base64," + base64.b64encode(next(images)).decode()
+                    },
+                }
+                if part.get("type") == "image"
+                else part
                 for part in content
             ]
         out.append({**message, "content": content})

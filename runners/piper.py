@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from llmux.config import PhysicalModel
-from runners.base import ModelLoadError, WeightsMissing
+from llmux.core.config import PhysicalModel
+from runners.base import ModelLoadError, NotLoaded, WeightsMissing
 
 if TYPE_CHECKING:
     from piper import PiperVoice
@@ -61,7 +61,7 @@ class PiperRunner:
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
         """One Piper voice speaks `text`; `speed` scales phoneme length (2.0 = twice as fast)."""
         if self._voice is None:
-            raise RuntimeError(f"{self.physical_id} is not loaded")
+            raise NotLoaded(self.physical_id)
         if voice is not None:
             raise ValueError("a Piper voice cannot clone a reference clip")
         from piper import SynthesisConfig

@@ -29,15 +29,15 @@ def make_sampler(
 
     The same seed with the same settings, prompt and model gives the same tokens; without a seed
     one is drawn at random."""
-    temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
-    if temperature <= 0:
+    chosen = DEFAULT_TEMPERATURE if temperature is None else temperature
+    if chosen <= 0:
         return None
     import torch
     from transformers import LogitsProcessor
 
     class SeededSampler(LogitsProcessor):
         def __init__(self) -> None:
-            self.temperature = temperature
+            self.temperature = chosen
             self.top_p = DEFAULT_TOP_P if top_p is None else top_p
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(random.getrandbits(63) if seed is None else seed)

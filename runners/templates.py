@@ -48,6 +48,10 @@ def render(
     template_kwargs: dict[str, Any],
 ) -> str:
     return template.render(
-        messages=messages, tools=tools, add_generation_prompt=True, bos_token=bos_token,
-        eos_token=eos_token, **template_kwargs,
+        messages=messages,
+        tools=tools,
+        add_generation_prompt=True,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        **template_kwargs,
     )

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,7 +37,7 @@ def stream_tokens(
     cancel: threading.Event,
     *,
     thread_name: str = "generate",
-) -> Iterator[int]:
+) -> Generator[int, None, None]:
     """Run `model.generate(**inputs, **generate_kwargs)` for one sequence and yield each new
     token id as soon as it exists (the prompt is not yielded). See the module docstring for the
     threading contract. `generate_kwargs` must not hold `streamer` or `stopping_criteria`."""
@@ -67,18 +67,21 @@ def stream_tokens(
     class StopWhenAsked(StoppingCriteria):
         def __call__(
             self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
-        ) -> torch.BoolTensor:
+        ) -> torch.Tensor:
             done = stop.is_set() or cancel.is_set()
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool,
-                              device=input_ids.device)
+            return torch.full(
+                (input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device
+            )
 
     def run() -> None:
         try:
-            model.generate(
-                **inputs, **generate_kwargs, streamer=QueueStreamer(),
+            cast(Any, model).generate(
+                **inputs,
+                **generate_kwargs,
+                streamer=QueueStreamer(),
                 stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
             )
-        except BaseException as error:  # noqa: BLE001 - re-raised on the caller's thread
+        except BaseException as error:
             tokens.put(_Failure(error))
         finally:
             tokens.put(_END)
@@ -136,7 +139,8 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         if not ids:
             return ""
-        text: str = self._tokenizer.decode(
+        text = self._tokenizer.decode(
             ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
         )
+        assert isinstance(text, str)  # one sequence of ids decodes to one string
         return text

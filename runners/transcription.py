@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from llmux.errors import BadRequest
+from llmux.core.errors import BadRequest
 from runners.base import Runner
 
 SAMPLE_RATE = 16_000
@@ -53,8 +53,11 @@ class UnsupportedLanguage(BadRequest):
     code = "unsupported_language"
 
     def __init__(self, model: str, language: str | None, supported: Iterable[str]) -> None:
-        what = f"does not know the language {language!r}" if language else (
-            "needs a language (it cannot detect one)")
+        what = (
+            f"does not know the language {language!r}"
+            if language
+            else ("needs a language (it cannot detect one)")
+        )
         super().__init__(
             f"Model {model!r} {what}; send `language` as one of: {', '.join(sorted(supported))}.",
             param="language",

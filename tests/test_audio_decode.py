@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llmux.audio.decode import SAMPLE_RATE, AudioTooLong, decode_audio
-from llmux.errors import BadRequest
+from llmux.core.errors import BadRequest
 from runners.transcription import split_at_quiet_points
 from tests.audio_fixtures import FORMATS, Clips, ffmpeg, make_clips, silence
 
@@ -29,9 +29,7 @@ def seconds_of(path: Path) -> float:
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("language", ["en", "de"])
-def test_every_format_decodes_to_16k_mono_float32(
-    clips: Clips, language: str, fmt: str
-) -> None:
+def test_every_format_decodes_to_16k_mono_float32(clips: Clips, language: str, fmt: str) -> None:
     reference = decode_audio(clips[language, "wav"].read_bytes(), max_seconds=MAX)
     audio = decode_audio(clips[language, fmt].read_bytes(), max_seconds=MAX)
     assert audio.dtype == np.float32 and audio.ndim == 1
@@ -60,12 +58,35 @@ def test_video_file_gives_its_audio_and_one_without_audio_is_refused(
     tmp_path: Path, clips: Clips
 ) -> None:
     video = tmp_path / "video.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=duration=2:size=64x64:rate=5", "-i",
-           clips["en", "wav"], "-shortest", "-c:v", "mpeg4", "-c:a", "aac", "-f", "mp4", video)
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=duration=2:size=64x64:rate=5",
+        "-i",
+        clips["en", "wav"],
+        "-shortest",
+        "-c:v",
+        "mpeg4",
+        "-c:a",
+        "aac",
+        "-f",
+        "mp4",
+        video,
+    )
     assert len(decode_audio(video.read_bytes(), max_seconds=MAX)) > SAMPLE_RATE
     mute = tmp_path / "mute.mp4"
-    ffmpeg("-f", "lavfi", "-i", "testsrc=duration=1:size=64x64:rate=5", "-c:v", "mpeg4",
-           "-f", "mp4", mute)
+    ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=duration=1:size=64x64:rate=5",
+        "-c:v",
+        "mpeg4",
+        "-f",
+        "mp4",
+        mute,
+    )
     with pytest.raises(BadRequest, match="no audio stream") as caught:
         decode_audio(mute.read_bytes(), max_seconds=MAX)
     assert caught.value.param == "file" and caught.value.code == "invalid_audio"
@@ -97,8 +118,10 @@ def test_formats_outside_the_list_are_refused_even_when_ffmpeg_knows_them(
     with pytest.raises(BadRequest, match="Supported formats: flac, mp3"):
         decode_audio(au.read_bytes(), max_seconds=MAX)
     # A playlist would make ffmpeg open other files (or URLs): never.
-    playlist = (f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n"
-                f"file://{clips['en', 'mp3']}\n#EXT-X-ENDLIST\n").encode()
+    playlist = (
+        f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\n"
+        f"file://{clips['en', 'mp3']}\n#EXT-X-ENDLIST\n"
+    ).encode()
     with pytest.raises(BadRequest):
         decode_audio(playlist, max_seconds=MAX)
 

@@ -11,8 +11,12 @@ import pytest
 from llmux.audio.encode import PCM_SAMPLE_RATE, RESPONSE_FORMATS, content_type, encode_audio
 
 CONTENT_TYPES = {
-    "mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
-    "wav": "audio/wav", "pcm": "audio/pcm",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
 }
 CONTAINERS = {"mp3": "mp3", "opus": "ogg", "aac": "aac", "flac": "flac", "wav": "wav"}
 
@@ -27,8 +31,10 @@ def decode(data: bytes, response_format: str) -> tuple[np.ndarray, int, str]:
     if response_format == "pcm":
         return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768, PCM_SAMPLE_RATE, "pcm"
     with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray().reshape(-1) if f.format.is_planar else f.to_ndarray()[0]
-                  for f in container.decode(audio=0)]
+        frames = [
+            f.to_ndarray().reshape(-1) if f.format.is_planar else f.to_ndarray()[0]
+            for f in container.decode(audio=0)
+        ]
         stream = container.streams.audio[0]
         samples = np.concatenate(frames).astype(np.float32)
         if samples.dtype.kind == "i" or np.abs(samples).max() > 1.5:
@@ -54,7 +60,7 @@ def test_every_format_decodes_back_to_the_same_sound(response_format: str, rate:
     # Lossy codecs add priming and padding (ADTS cannot say how much): under 0.15 s here.
     assert abs(samples.size / decoded_rate - 1.5) < 0.15
     assert dominant_hz(samples, decoded_rate) == pytest.approx(440, abs=5)
-    rms = float(np.sqrt(np.mean(samples[samples.size // 4: -samples.size // 4] ** 2)))
+    rms = float(np.sqrt(np.mean(samples[samples.size // 4 : -samples.size // 4] ** 2)))
     assert rms == pytest.approx(0.5 / np.sqrt(2), rel=0.1)  # a 0.5-amplitude sine, level kept
 
 

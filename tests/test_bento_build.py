@@ -1,4 +1,4 @@
-"""`bentoml build` works offline and yields the Dockerfile production needs (SPEC section 1).
+"""`bentoml build` works offline and yields the Dockerfile production needs (docs/deploy.md).
 
 The build runs on a copy of the repository (so a planted api_keys.yaml can prove keys stay out of
 the image) into a temporary BENTOML_HOME; the assertions read the bento's env/docker/Dockerfile.
@@ -89,7 +89,9 @@ def test_runtime_image_is_the_pytorch_runtime_with_audio_libraries(dockerfile: s
     assert install and set(install.group(1).split()) == {"ffmpeg", "libsndfile1"}
 
 
-def test_llama_cpp_python_is_compiled_with_cuda_for_sm_120_in_a_devel_stage(dockerfile: str) -> None:
+def test_llama_cpp_python_is_compiled_with_cuda_for_sm_120_in_a_devel_stage(
+    dockerfile: str,
+) -> None:
     assert "ARG LLAMA_BUILD_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-devel" in dockerfile
     build = stages(dockerfile)["llama-cpp-build"]
     assert build.startswith("FROM ${LLAMA_BUILD_IMAGE} AS llama-cpp-build")
@@ -152,7 +154,7 @@ def test_bento_serves_llmux_and_holds_no_keys(bento: Path, context: Path) -> Non
     assert re.search(r"^service: service:LLMux$", info, re.MULTILINE)
     source = bento / "src"
     assert (source / "service.py").is_file()
-    assert (source / "llmux" / "config.py").is_file()
+    assert (source / "llmux" / "core" / "config.py").is_file()
     assert (source / "config" / "models.yaml").is_file()
     assert list(source.rglob("api_keys.yaml")) == []
     assert not (source / ".venv").exists()
@@ -160,6 +162,10 @@ def test_bento_serves_llmux_and_holds_no_keys(bento: Path, context: Path) -> Non
     # Every file of the service's packages and config, data files (chat templates) included.
     for package in ("llmux", "llmux_policy", "runners", "config"):
         for path in (context / package).rglob("*"):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
-                if path.name != "api_keys.yaml":
-                    assert (source / path.relative_to(context)).is_file(), path
+            if (
+                path.is_file()
+                and "__pycache__" not in path.parts
+                and path.suffix != ".pyc"
+                and path.name != "api_keys.yaml"
+            ):
+                assert (source / path.relative_to(context)).is_file(), path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmux.config import ConfigError, load_registry
+from llmux.core.config import ConfigError, load_registry
 from llmux.keys import KeyRing, write_key_file
 from llmux.keys import main as keys_main
 from tests.conftest import REPO
@@ -21,19 +21,30 @@ def test_production_registry_has_nine_physical_and_sixteen_virtual_models() -> N
     assert len(registry.physical_models) == 9
     assert len(registry.virtual_models) == 16
     assert registry.gpu_budget_gb == 16
-    by_type = {t: {p for p, m in registry.physical_models.items() if m.type == t}
-               for t in ("llm", "asr", "tts")}
+    by_type = {
+        t: {p for p, m in registry.physical_models.items() if m.type == t}
+        for t in ("llm", "asr", "tts")
+    }
     assert len(by_type["llm"]) == 5 and by_type["asr"] == {"cohere-transcribe"}
     assert len(by_type["tts"]) == 3
-    thinking = {n: v.params.enable_thinking for n, v in registry.virtual_models.items()
-                if v.params.enable_thinking is not None}
-    assert thinking == {
-        "Qwen3.5-9B-FP8-Thinking": True, "Qwen3.5-9B-FP8-Instruct": False,
-        "Qwen3.5-9B-FP8-Uncensored-Thinking": True, "Qwen3.5-9B-FP8-Uncensored-Instruct": False,
-        "Qwen3.5-4B-Thinking": True, "Qwen3.5-4B-Instruct": False,
+    thinking = {
+        n: v.params.enable_thinking
+        for n, v in registry.virtual_models.items()
+        if v.params.enable_thinking is not None
     }
-    efforts = {n: v.params.reasoning_effort for n, v in registry.virtual_models.items()
-               if v.params.reasoning_effort}
+    assert thinking == {
+        "Qwen3.5-9B-FP8-Thinking": True,
+        "Qwen3.5-9B-FP8-Instruct": False,
+        "Qwen3.5-9B-FP8-Uncensored-Thinking": True,
+        "Qwen3.5-9B-FP8-Uncensored-Instruct": False,
+        "Qwen3.5-4B-Thinking": True,
+        "Qwen3.5-4B-Instruct": False,
+    }
+    efforts = {
+        n: v.params.reasoning_effort
+        for n, v in registry.virtual_models.items()
+        if v.params.reasoning_effort
+    }
     assert len(efforts) == 6
     assert all(n.lower().endswith(e) for n, e in efforts.items())
     uncensored = registry.physical_models["qwen3.5-9b-fp8-uncensored"]
@@ -42,7 +53,15 @@ def test_production_registry_has_nine_physical_and_sixteen_virtual_models() -> N
 
 def test_embedded_default_registry_is_valid() -> None:
     registry = load_registry(REPO / "config" / "local" / "models.yaml")
-    assert {m.type for m in registry.physical_models.values()} == {"llm", "asr", "tts"}
+    types = [m.type for m in registry.physical_models.values()]
+    assert sorted(set(types)) == ["asr", "embedding", "llm", "tts"]
+    assert types.count("llm") == 2  # two LLMs to swap between
+    chat_id = "qwen2.5-coder-0.5b"
+    chat = registry.physical_models[chat_id]
+    assert chat.supports_tools and chat.output_parser(chat_id) == "qwen2.5"
+    # A second virtual model on the main chat model: behaviour without another load.
+    on_qwen = [n for n, v in registry.virtual_models.items() if v.physical == chat_id]
+    assert on_qwen == ["Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-0.5B-Terse"]
 
 
 def write(tmp_path: Path, data: object) -> Path:
@@ -54,8 +73,12 @@ def write(tmp_path: Path, data: object) -> Path:
 def valid() -> dict:  # type: ignore[type-arg]
     return {
         "physical_models": {
-            "small": {"type": "llm", "backend": "llamacpp", "model_file": "m.gguf",
-                      "estimated_vram_gb": 1},
+            "small": {
+                "type": "llm",
+                "backend": "llamacpp",
+                "model_file": "m.gguf",
+                "estimated_vram_gb": 1,
+            },
         },
         "virtual_models": {"Small": {"physical": "small", "params": {"enable_thinking": False}}},
     }
@@ -130,7 +153,10 @@ def test_service_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
     data["physical_models"]["small"]["colour"] = "blue"
     write(tmp_path, data)
     result = subprocess.run(
-        [sys.executable, "-c", "import service"], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-c", "import service"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
         env={"LLMUX_CONFIG_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
         timeout=120,
     )
@@ -141,6 +167,7 @@ def test_service_refuses_to_start_on_a_bad_file(tmp_path: Path) -> None:
 
 
 # --- API keys -----------------------------------------------------------------------------------
+
 
 def test_key_generator_writes_0600_and_never_overwrites(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "conf" / "api_keys.yaml"
@@ -175,8 +202,10 @@ def test_key_file_errors_name_the_field(tmp_path: Path) -> None:
     path.write_text("api_keys:\n  - key: short\n    name: a\n")
     with pytest.raises(ConfigError, match=r"api_keys\.0\.key"):
         KeyRing.load(path)
-    path.write_text("api_keys:\n  - {key: aaaaaaaaaaaaaaaaaaaa, name: a}\n"
-                    "  - {key: bbbbbbbbbbbbbbbbbbbb, name: a}\n")
+    path.write_text(
+        "api_keys:\n  - {key: aaaaaaaaaaaaaaaaaaaa, name: a}\n"
+        "  - {key: bbbbbbbbbbbbbbbbbbbb, name: a}\n"
+    )
     with pytest.raises(ConfigError, match="duplicate client names"):
         KeyRing.load(path)
 

@@ -14,8 +14,8 @@ from typing import TypeVar
 import prometheus_client
 import pytest
 
-from llmux.config import Registry
-from llmux.errors import ModelNotFound, ModelUnavailable
+from llmux.core.config import Registry
+from llmux.core.errors import ModelNotFound, ModelUnavailable
 from llmux_policy.executor import Residency, ResidencySnapshot, ResidentInfo
 from llmux_policy.memory import (
     GPU_SAFETY_MARGIN_BYTES,
@@ -288,6 +288,7 @@ async def test_concurrent_requests_share_one_load(stage: Stage) -> None:
         "in_flight": 0,
         "evicting": False,
         "last_used_at": None,
+        "loads": 0,
     }
 
     gate.set()
@@ -308,6 +309,7 @@ async def test_concurrent_requests_share_one_load(stage: Stage) -> None:
         "in_flight": 0,
         "evicting": False,
         "last_used_at": "2023-11-14T22:13:20+00:00",
+        "loads": 1,
     }
 
 
@@ -574,9 +576,7 @@ async def test_a_load_whose_waiters_all_left_completes_and_stays(stage: Stage) -
     await within(residency.wait_until(waiting(0)))
     gate.set()
 
-    snapshot = await within(
-        residency.wait_until(has("qwen-4b", state="ready"))
-    )
+    snapshot = await within(residency.wait_until(has("qwen-4b", state="ready")))
     assert model(snapshot, "qwen-4b")["in_flight"] == 0
     assert stage.calls == [("load", "qwen-4b")]
 
@@ -622,7 +622,7 @@ async def test_a_request_cancelled_while_waiting_for_an_eviction_leaks_nothing(
     await stream.finish()
     await within(switch)
     assert resident(residency) == {"qwen-9b"}
-    assert ("load", "qwen-4b") == stage.calls[-3]  # the cancelled request loaded nothing
+    assert stage.calls[-3] == ("load", "qwen-4b")  # the cancelled request loaded nothing
 
 
 async def test_a_request_cancelled_mid_stream_releases_its_model(stage: Stage) -> None:
@@ -809,4 +809,3 @@ async def test_metrics_series_move(stage: Stage) -> None:
     await within(residency.close())
     assert value("llmux_model_evictions_total", model="tts", reason="shutdown") == 1
     assert value("llmux_model_resident_bytes", model="tts") == 0
-

@@ -29,7 +29,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmux.errors import BadRequest
+from llmux.core.errors import BadRequest
+from llmux.core.harmony_vocab import (
+    O200K_BASE_FILE,
+    O200K_BASE_SHA256,
+    HarmonyVocabError,
+    _byte_level_decoder,
+    load_gpt_oss_encoding,
+    tiktoken_vocab_from_tokenizer_json,
+    write_o200k_vocab,
+)
 from llmux.parsers import (
     PARSERS,
     ContentDelta,
@@ -43,15 +52,6 @@ from llmux.parsers import (
     tool_call_arguments_as_dicts,
 )
 from llmux.parsers.harmony import HarmonyParser
-from llmux.parsers.harmony_encoding import (
-    O200K_BASE_FILE,
-    O200K_BASE_SHA256,
-    HarmonyVocabError,
-    _byte_level_decoder,
-    load_gpt_oss_encoding,
-    tiktoken_vocab_from_tokenizer_json,
-    write_o200k_vocab,
-)
 from llmux.parsers.qwen35 import convert_value
 
 CALL_ID = re.compile(r"call_[0-9a-f]{24}")
@@ -568,7 +568,51 @@ PLAIN = [
     ),
 ]
 
-CASES = QWEN_REASONING + QWEN35_TOOLS + QWEN3 + HARMONY + PLAIN
+# Qwen2.5 (the embedded default's Qwen2.5-Coder): no reasoning ever; calls in <tool_call>, or the
+# call's JSON alone (bare or fenced), which its small models often answer with.
+_BARE = '{"name": "get_weather", "arguments": {"city": "Berlin"}}'
+QWEN25 = [
+    Case(
+        "q25-tagged-call",
+        "qwen2.5",
+        f"<tool_call>\n{_BARE}\n</tool_call>",
+        calls=(("get_weather", {"city": "Berlin"}),),
+    ),
+    Case("q25-bare-call", "qwen2.5", _BARE, calls=(("get_weather", {"city": "Berlin"}),)),
+    Case(
+        "q25-fenced-call",
+        "qwen2.5",
+        '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Berlin"\n  }\n}\n```',
+        calls=(("get_weather", {"city": "Berlin"}),),
+    ),
+    Case(
+        "q25-bare-list",
+        "qwen2.5",
+        f'[{_BARE}, {{"name": "list_files", "arguments": {{}}}}]',
+        calls=(("get_weather", {"city": "Berlin"}), ("list_files", {})),
+    ),
+    Case(
+        "q25-unknown-tool-is-content",
+        "qwen2.5",
+        '{"name": "nope", "arguments": {}}',
+        content='{"name": "nope", "arguments": {}}',
+    ),
+    Case(
+        "q25-json-answer-is-content", "qwen2.5", '{"city": "Berlin"}', content='{"city": "Berlin"}'
+    ),
+    Case(
+        "q25-code-fence-is-content",
+        "qwen2.5",
+        "```python\nprint(1)\n```",
+        content="```python\nprint(1)\n```",
+    ),
+    Case("q25-text-then-json-is-content", "qwen2.5", f"Call: {_BARE}", content=f"Call: {_BARE}"),
+    Case("q25-no-tools-keeps-json-as-content", "qwen2.5", _BARE, content=_BARE, tools=()),
+    # As for qwen3 with thinking off, a leading think block is still read as reasoning.
+    Case("q25-leading-think-block", "qwen2.5", "<think>x</think>y", reasoning="x", content="y"),
+]
+
+CASES = QWEN_REASONING + QWEN35_TOOLS + QWEN3 + QWEN25 + HARMONY + PLAIN
 
 
 def _canonical(arguments: str) -> str:
@@ -742,7 +786,7 @@ def test_finish_twice_is_an_error() -> None:
 
 
 def test_registry_names_the_config_families() -> None:
-    assert set(PARSERS) == {"plain", "qwen3.5", "qwen3", "harmony"}
+    assert set(PARSERS) == {"plain", "qwen3.5", "qwen3", "qwen2.5", "harmony"}
     for family, cls in PARSERS.items():
         assert type(create_parser(family)) is cls and cls.family == family
     with pytest.raises(KeyError, match=r"qwen3\.5"):

@@ -1,4 +1,4 @@
-"""The pure residency planner: SPEC section 4 as a table, then its invariants as properties."""
+"""The pure residency planner: docs/residency.md as a table, then its invariants as properties."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmux.config import ModelType
+from llmux.core.config import ModelType
 from llmux_policy.planner import (
     AlreadyResident,
     Eviction,
@@ -210,7 +210,8 @@ def test_scenarios(case: Case) -> None:
 
 
 def test_spec_sequence_asr_tts_llm_switches() -> None:
-    """SPEC 4 end to end: build up ASR+TTS+4B, switch to 9B, go to 20B, then ask for ASR again."""
+    """The residency scenarios end to end: build up ASR+TTS+4B, switch to 9B, go to 20B, then
+    ask for ASR again."""
     state: dict[str, Resident] = {}
     expected_resident = [
         ("asr", {"asr"}),

@@ -1,4 +1,4 @@
-"""SPEC section 4's scenario table (TST-016..019) walked over HTTP with real small models.
+"""docs/residency.md's scenario table (TST-016..019) walked over HTTP with real small models.
 
 The models are the embedded default's (Gemma 3 270M, Whisper base, the Piper voice) under
 declared footprints that mirror production: LLMs of 4, 9 and 13 GB, ASR 4 GB, TTS 2 GB, a 16 GB
@@ -60,8 +60,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     from llmux.settings import Settings
 
     root = tmp_path_factory.mktemp("scenarios")
-    app = create_app(Settings(config_dir=write_config(root / "config", REGISTRY),
-                              models_dir=root / "models"))
+    app = create_app(
+        Settings(config_dir=write_config(root / "config", REGISTRY), models_dir=root / "models")
+    )
     with LiveServer(app) as live:
         yield live
 
@@ -85,8 +86,9 @@ def test_scenario_table(server: LiveServer) -> None:
         elif model == "TTS":
             assert client.audio.speech.create(model=model, voice="alloy", input="Hi.").content
         else:
-            client.chat.completions.create(model=model, max_tokens=2,
-                                           messages=[{"role": "user", "content": "Hi"}])
+            client.chat.completions.create(
+                model=model, max_tokens=2, messages=[{"role": "user", "content": "Hi"}]
+            )
         state = httpx.get(f"{server.url}/health").json()
         assert state["used_bytes"] <= state["budget_bytes"] == 16 * 2**30
         assert all(m["in_flight"] == 0 for m in state["loaded_models"].values())

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmux.config import load_registry
+from llmux.core.config import load_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -555,9 +555,9 @@ def test_changed_gguf_file_is_fetched_again(dl_host: Host) -> None:
     assert result.returncode == 0, result.stderr
     calls = hf_downloads(dl_host)
     assert list(calls) == ["qwen3.5-9b-fp8-uncensored"]
-    assert "Qwen3.5-9B-Uncensored-HauhauCS-Aggressive-Q6_K.gguf" in calls[
-        "qwen3.5-9b-fp8-uncensored"
-    ]
+    assert (
+        "Qwen3.5-9B-Uncensored-HauhauCS-Aggressive-Q6_K.gguf" in calls["qwen3.5-9b-fp8-uncensored"]
+    )
 
 
 def test_only_and_force(dl_host: Host) -> None:
@@ -613,7 +613,7 @@ def test_missing_token_warns_how_to_log_in(dl_host: Host) -> None:
 
 
 def test_plan_places_weights_where_the_registry_says(tmp_path: Path) -> None:
-    """download_plan.py (PyYAML only, for the bare host) agrees with llmux.config."""
+    """download_plan.py (PyYAML only, for the bare host) agrees with llmux.core.config."""
     plan = subprocess.run(
         [sys.executable, str(SCRIPTS / "download_plan.py"), "--config", str(REGISTRY),
          "--models-dir", str(tmp_path)],

@@ -25,24 +25,38 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(config_dir: Path, tmp_path: Path, extra_env: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
-                 *, embedded: bool = False, models_dir: Path | None = None):
+def start_server(
+    config_dir: Path,
+    tmp_path: Path,
+    extra_env: dict[str, str] | None = None,  # type: ignore[no-untyped-def]
+    *,
+    embedded: bool = False,
+    models_dir: Path | None = None,
+):
     """`bentoml serve` on a free port; `embedded` leaves LLMUX_CONFIG_DIR unset, as a newcomer
     would."""
     port = free_port()
     env = {
-        **os.environ, "LLMUX_CONFIG_DIR": str(config_dir),
+        **os.environ,
+        "LLMUX_CONFIG_DIR": str(config_dir),
         "LLMUX_MODELS_DIR": str(models_dir or tmp_path),
-        "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-        "BENTOML_PORT": str(port), "BENTOML_HOST": "127.0.0.1", **(extra_env or {}),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "BENTOML_PORT": str(port),
+        "BENTOML_HOST": "127.0.0.1",
+        **(extra_env or {}),
     }
     if embedded:
         del env["LLMUX_CONFIG_DIR"]
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed by the fixture
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = subprocess.Popen(
-        [str(bentoml), "serve", "service:LLMux"], cwd=REPO, env=env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        [str(bentoml), "serve", "service:LLMux"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -56,8 +70,9 @@ def start_server(config_dir: Path, tmp_path: Path, extra_env: dict[str, str] | N
             pass
         time.sleep(0.3)
     proc.kill()
-    raise AssertionError("bentoml serve did not answer /health in 90 s:\n"
-                         + (tmp_path / "serve.log").read_text())
+    raise AssertionError(
+        "bentoml serve did not answer /health in 90 s:\n" + (tmp_path / "serve.log").read_text()
+    )
 
 
 def stop_server(proc: subprocess.Popen, log) -> None:  # type: ignore[type-arg, no-untyped-def]
@@ -88,8 +103,11 @@ def test_bentoml_serve_answers_as_the_issue_says(server: str, tmp_path: Path) ->
     sdk = openai.OpenAI(api_key=TEST_KEY, base_url=f"{server}/v1")
     assert len({m.id for m in sdk.models.list().data}) == 16
 
-    for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
-                         ("GET", "/v1/does-not-exist")]:
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/does-not-exist"),
+    ]:
         response = httpx.request(method, f"{server}{path}")
         assert response.status_code == 401
         assert response.json()["error"]["type"] == "authentication_error"
@@ -115,7 +133,9 @@ def test_chat_answers_from_a_real_bentoml_serve(tmp_path: Path) -> None:
     if not GEMMA.is_file():
         pytest.skip(f"run `make setup`: {GEMMA} missing")
     build_tiny_qwen35_vl(tmp_path / "tiny-qwen")
-    config = write_config(tmp_path / "config", f"""
+    config = write_config(
+        tmp_path / "config",
+        f"""
 physical_models:
   gemma:
 {gemma_entry(tools=True)}
@@ -129,29 +149,48 @@ physical_models:
 virtual_models:
   Gemma: {{physical: gemma}}
   Tiny-Qwen-Instruct: {{physical: tiny-qwen, params: {{enable_thinking: false}}}}
-""")
+""",
+    )
     proc, base, log = start_server(config, tmp_path)
     try:
         sdk = openai.OpenAI(api_key=TEST_KEY, base_url=f"{base}/v1", max_retries=0)
         hello = [{"role": "user", "content": "Write one sentence about the sea."}]
-        plain = sdk.chat.completions.create(model="Gemma", messages=hello, max_tokens=8, seed=1,
-                                            temperature=0)
+        plain = sdk.chat.completions.create(
+            model="Gemma", messages=hello, max_tokens=8, seed=1, temperature=0
+        )
         assert plain.choices[0].message.content and plain.usage
         streamed = "".join(
-            c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
-                model="Gemma", messages=hello, max_tokens=8, seed=1, temperature=0, stream=True)
-            if c.choices)
+            c.choices[0].delta.content or ""
+            for c in sdk.chat.completions.create(
+                model="Gemma", messages=hello, max_tokens=8, seed=1, temperature=0, stream=True
+            )
+            if c.choices
+        )
         assert streamed == plain.choices[0].message.content
         call = sdk.chat.completions.create(
-            model="Gemma", messages=[{"role": "user", "content": "Weather in Rome?"}],
-            tools=[WEATHER], tool_choice="required", max_tokens=60, seed=1)
+            model="Gemma",
+            messages=[{"role": "user", "content": "Weather in Rome?"}],
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=60,
+            seed=1,
+        )
         tool_call = call.choices[0].message.tool_calls[0]  # type: ignore[index]
         assert tool_call.function.name == "get_weather"
         assert "city" in json.loads(tool_call.function.arguments)
-        image = sdk.chat.completions.create(model="Tiny-Qwen-Instruct", max_tokens=4, messages=[{
-            "role": "user", "content": [{"type": "text", "text": "Colour?"},
-                                        {"type": "image_url",
-                                         "image_url": {"url": png_data_uri()}}]}])
+        image = sdk.chat.completions.create(
+            model="Tiny-Qwen-Instruct",
+            max_tokens=4,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Colour?"},
+                        {"type": "image_url", "image_url": {"url": png_data_uri()}},
+                    ],
+                }
+            ],
+        )
         assert image.choices[0].finish_reason in ("stop", "length") and image.usage
     finally:
         stop_server(proc, log)

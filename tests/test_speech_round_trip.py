@@ -1,4 +1,4 @@
-"""Piper speaks, faster-whisper with Whisper base transcribes it back: the speech endpoints agree."""
+"""Piper speaks, faster-whisper (Whisper base) transcribes it back: the speech endpoints agree."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from llmux.wer import word_error_rate
 from tests.conftest import MODELS_DIR, TEST_KEY, write_config
 
 WHISPER, PIPER = MODELS_DIR / "whisper-base", MODELS_DIR / "piper-joe"
-pytestmark = pytest.mark.skipif(not ((WHISPER / "model.bin").is_file() and PIPER.is_dir()),
-                                reason="run `make setup`: the embedded models are not laid out")
+pytestmark = pytest.mark.skipif(
+    not ((WHISPER / "model.bin").is_file() and PIPER.is_dir()),
+    reason="run `make setup`: the embedded models are not laid out",
+)
 SENTENCES = [
     "The weather today is sunny and warm with a light breeze from the west.",
     "Please send the quarterly report to the finance team before Friday.",
@@ -26,7 +28,9 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
     from llmux.settings import Settings
 
     root = tmp_path_factory.mktemp("round-trip")
-    config = write_config(root / "config", f"""
+    config = write_config(
+        root / "config",
+        f"""
 physical_models:
   whisper-base: {{type: asr, backend: faster_whisper, path: {WHISPER}, estimated_vram_gb: 0.3,
                   default_language: en}}
@@ -35,18 +39,23 @@ physical_models:
 virtual_models:
   whisper-base: {{physical: whisper-base}}
   piper-joe: {{physical: piper-joe}}
-""")
-    with TestClient(create_app(Settings(config_dir=config, models_dir=root)),
-                    base_url="http://llmux.test") as http:
+""",
+    )
+    with TestClient(
+        create_app(Settings(config_dir=config, models_dir=root)), base_url="http://llmux.test"
+    ) as http:
         yield openai.OpenAI(api_key=TEST_KEY, base_url="http://llmux.test/v1", http_client=http)
 
 
 @pytest.mark.parametrize("sentence", SENTENCES)
 @pytest.mark.parametrize("response_format", ["mp3", "wav"])
-def test_spoken_then_transcribed_within_wer_0_1(client: openai.OpenAI, sentence: str,
-                                                response_format: str) -> None:
-    audio = client.audio.speech.create(model="piper-joe", voice="alloy", input=sentence,
-                                       response_format=response_format).content  # type: ignore[arg-type]
-    text = client.audio.transcriptions.create(model="whisper-base",
-                                              file=(f"speech.{response_format}", audio)).text
+def test_spoken_then_transcribed_within_wer_0_1(
+    client: openai.OpenAI, sentence: str, response_format: str
+) -> None:
+    audio = client.audio.speech.create(
+        model="piper-joe", voice="alloy", input=sentence, response_format=response_format
+    ).content  # type: ignore[arg-type]
+    text = client.audio.transcriptions.create(
+        model="whisper-base", file=(f"speech.{response_format}", audio)
+    ).text
     assert word_error_rate(sentence, text) <= 0.1, text

@@ -118,16 +118,21 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     (config / "api_keys.yaml").write_text(
         f"api_keys:\n  - key: {TEST_KEY}\n    name: test-client\n", encoding="utf-8"
     )
-    settings = Settings(config_dir=config, models_dir=root / "models",
-                        max_audio_bytes=MAX_AUDIO_BYTES, max_audio_seconds=MAX_AUDIO_SECONDS)
+    settings = Settings(
+        config_dir=config,
+        models_dir=root / "models",
+        max_audio_bytes=MAX_AUDIO_BYTES,
+        max_audio_seconds=MAX_AUDIO_SECONDS,
+    )
     with TestClient(create_app(settings), base_url="http://llmux.test") as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def client(http: TestClient) -> openai.OpenAI:
-    return openai.OpenAI(api_key=TEST_KEY, base_url="http://llmux.test/v1", http_client=http,
-                         max_retries=0)
+    return openai.OpenAI(
+        api_key=TEST_KEY, base_url="http://llmux.test/v1", http_client=http, max_retries=0
+    )
 
 
 def misnamed(fmt: str) -> str:
@@ -144,18 +149,19 @@ def test_english_in_every_format_with_a_misleading_name(
     client: openai.OpenAI, clips: Clips, fmt: str
 ) -> None:
     result = client.audio.transcriptions.create(
-        model="whisper-base", file=(misnamed(fmt), clips["en", fmt].read_bytes()),
+        model="whisper-base",
+        file=(misnamed(fmt), clips["en", fmt].read_bytes()),
     )
     assert word_error_rate(ENGLISH, result.text) <= 0.2, result.text
 
 
 @pytest.mark.parametrize("fmt", ["webm", "mp3", "m4a"])
-def test_german_with_language_de(
-    client: openai.OpenAI, clips: Clips, fmt: str
-) -> None:
+def test_german_with_language_de(client: openai.OpenAI, clips: Clips, fmt: str) -> None:
     result = client.audio.transcriptions.create(
-        model="whisper-base", file=(f"diktat.{fmt}", clips["de", fmt].read_bytes()),
-        language="de", response_format="verbose_json",
+        model="whisper-base",
+        file=(f"diktat.{fmt}", clips["de", fmt].read_bytes()),
+        language="de",
+        response_format="verbose_json",
     )
     assert result.language == "german"
     assert word_error_rate(GERMAN, result.text) <= 0.2, result.text
@@ -166,19 +172,21 @@ def test_language_is_detected_when_neither_request_nor_model_names_one(
     client: openai.OpenAI, clips: Clips
 ) -> None:
     result = client.audio.transcriptions.create(
-        model="whisper-base-detect", file=("clip.ogg", clips["de", "ogg"].read_bytes()),
+        model="whisper-base-detect",
+        file=("clip.ogg", clips["de", "ogg"].read_bytes()),
         response_format="verbose_json",
     )
     assert result.language == "german"
     assert word_error_rate(GERMAN, result.text) <= 0.2, result.text
 
 
-def test_verbose_json_has_timed_segments(
-    client: openai.OpenAI, clips: Clips
-) -> None:
+def test_verbose_json_has_timed_segments(client: openai.OpenAI, clips: Clips) -> None:
     result = client.audio.transcriptions.create(
-        model="whisper-base", file=("clip.wav", clips["en", "wav"].read_bytes()),
-        language="en", response_format="verbose_json", timestamp_granularities=["segment"],
+        model="whisper-base",
+        file=("clip.wav", clips["en", "wav"].read_bytes()),
+        language="en",
+        response_format="verbose_json",
+        timestamp_granularities=["segment"],
     )
     assert result.language == "english"
     assert 3.0 < result.duration < 7.0
@@ -191,14 +199,19 @@ def test_verbose_json_has_timed_segments(
 
 @pytest.mark.parametrize(
     "fmt,content_type",
-    [("text", "text/plain"), ("srt", "application/x-subrip"), ("vtt", "text/vtt"),
-     ("json", "application/json")],
+    [
+        ("text", "text/plain"),
+        ("srt", "application/x-subrip"),
+        ("vtt", "text/vtt"),
+        ("json", "application/json"),
+    ],
 )
 def test_text_formats_have_their_content_types(
     client: openai.OpenAI, clips: Clips, fmt: str, content_type: str
 ) -> None:
     raw = client.audio.transcriptions.with_raw_response.create(
-        model="whisper-base", file=("clip.flac", clips["en", "flac"].read_bytes()),
+        model="whisper-base",
+        file=("clip.flac", clips["en", "flac"].read_bytes()),
         response_format=fmt,  # type: ignore[arg-type]
     )
     assert raw.headers["content-type"].split(";")[0] == content_type
@@ -213,9 +226,7 @@ def test_text_formats_have_their_content_types(
     assert word_error_rate(ENGLISH, text) <= 0.2, text
 
 
-def test_open_webui_retry_without_language_succeeds(
-    client: openai.OpenAI, clips: Clips
-) -> None:
+def test_open_webui_retry_without_language_succeeds(client: openai.OpenAI, clips: Clips) -> None:
     """Open WebUI sends its configured language, and on failure retries without one."""
     audio = ("audio.webm", clips["en", "webm"].read_bytes())
     with pytest.raises(openai.BadRequestError) as caught:
@@ -227,12 +238,13 @@ def test_open_webui_retry_without_language_succeeds(
     assert word_error_rate(ENGLISH, retry.text) <= 0.2, retry.text
 
 
-def test_prompt_and_temperature_are_accepted(
-    client: openai.OpenAI, clips: Clips
-) -> None:
+def test_prompt_and_temperature_are_accepted(client: openai.OpenAI, clips: Clips) -> None:
     result = client.audio.transcriptions.create(
-        model="whisper-base", file=("clip.mp3", clips["en", "mp3"].read_bytes()),
-        prompt="Weather report: sunny, warm, a light breeze.", temperature=0.2, language="EN-us",
+        model="whisper-base",
+        file=("clip.mp3", clips["en", "mp3"].read_bytes()),
+        prompt="Weather report: sunny, warm, a light breeze.",
+        temperature=0.2,
+        language="EN-us",
     )
     assert word_error_rate(ENGLISH, result.text) <= 0.2, result.text
 
@@ -240,9 +252,7 @@ def test_prompt_and_temperature_are_accepted(
 # --- The transformers runner on a tiny random Whisper: shapes, not words ----------------------
 
 
-def test_transformers_runner_json_and_text(
-    client: openai.OpenAI, clips: Clips
-) -> None:
+def test_transformers_runner_json_and_text(client: openai.OpenAI, clips: Clips) -> None:
     audio = ("clip.wav", clips["en", "wav"].read_bytes())
     as_json = client.audio.transcriptions.create(model="tiny-whisper", file=audio, language="de")
     assert isinstance(as_json.text, str) and as_json.text
@@ -262,8 +272,11 @@ def test_transformers_runner_verbose_json_detects_and_chunks(
     long = tmp_path / "long.ogg"
     ffmpeg("-stream_loop", "9", "-i", clips["en", "wav"], *FORMATS["ogg"], long)
     result = client.audio.transcriptions.create(
-        model="tiny-whisper", file=("long.ogg", long.read_bytes()),
-        response_format="verbose_json", prompt="Some earlier words.", temperature=0.5,
+        model="tiny-whisper",
+        file=("long.ogg", long.read_bytes()),
+        response_format="verbose_json",
+        prompt="Some earlier words.",
+        temperature=0.5,
     )
     assert result.language in LANGUAGE_NAMES.values()  # detected: random, but a language
     assert 40 < result.duration < 50
@@ -277,11 +290,11 @@ def test_transformers_runner_verbose_json_detects_and_chunks(
 
 
 @pytest.mark.parametrize("fmt", ["srt", "vtt"])
-def test_transformers_runner_subtitles(
-    client: openai.OpenAI, clips: Clips, fmt: str
-) -> None:
+def test_transformers_runner_subtitles(client: openai.OpenAI, clips: Clips, fmt: str) -> None:
     body = client.audio.transcriptions.create(
-        model="tiny-whisper", file=("c.mp4", clips["en", "mp4"].read_bytes()), language="en",
+        model="tiny-whisper",
+        file=("c.mp4", clips["en", "mp4"].read_bytes()),
+        language="en",
         response_format=fmt,  # type: ignore[arg-type]
     )
     assert isinstance(body, str)
@@ -291,9 +304,7 @@ def test_transformers_runner_subtitles(
     assert re.match(expected, body), body
 
 
-def test_a_language_the_checkpoint_lacks_is_refused(
-    client: openai.OpenAI, clips: Clips
-) -> None:
+def test_a_language_the_checkpoint_lacks_is_refused(client: openai.OpenAI, clips: Clips) -> None:
     with pytest.raises(openai.BadRequestError) as caught:  # known code; not in whisper-base's vocab
         client.audio.transcriptions.create(
             model="tiny-whisper", file=("c.wav", clips["en", "wav"].read_bytes()), language="yue"
@@ -304,9 +315,7 @@ def test_a_language_the_checkpoint_lacks_is_refused(
 # --- The transformers runner on a tiny random cohere-transcribe: language required ------------
 
 
-def test_cohere_needs_a_language_and_says_which(
-    client: openai.OpenAI, clips: Clips
-) -> None:
+def test_cohere_needs_a_language_and_says_which(client: openai.OpenAI, clips: Clips) -> None:
     audio = ("clip.webm", clips["de", "webm"].read_bytes())
     with pytest.raises(openai.BadRequestError) as caught:  # no language, and no default
         client.audio.transcriptions.create(model="tiny-cohere", file=audio)
@@ -316,7 +325,10 @@ def test_cohere_needs_a_language_and_says_which(
         client.audio.transcriptions.create(model="tiny-cohere", file=audio, language="ru")
     assert caught.value.code == "unsupported_language"
     result = client.audio.transcriptions.create(
-        model="tiny-cohere", file=audio, language="de", prompt="ignored: cohere takes none",
+        model="tiny-cohere",
+        file=audio,
+        language="de",
+        prompt="ignored: cohere takes none",
         response_format="verbose_json",
     )
     assert result.language == "german" and isinstance(result.text, str)
@@ -330,7 +342,9 @@ def test_cohere_long_audio_is_cut_into_35_second_windows(
     long = tmp_path / "long.mp3"
     ffmpeg("-stream_loop", "10", "-i", clips["de", "wav"], *FORMATS["mp3"], long)
     result = client.audio.transcriptions.create(
-        model="tiny-cohere", file=("long.mp3", long.read_bytes()), language="de",
+        model="tiny-cohere",
+        file=("long.mp3", long.read_bytes()),
+        language="de",
         response_format="verbose_json",
     )
     segments = result.segments or []
@@ -357,61 +371,77 @@ AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 URL = "/v1/audio/transcriptions"
 
 
-def post(
-    http: TestClient, data: dict[str, str], file: tuple[str, bytes] | None
-) -> httpx.Response:
+def post(http: TestClient, data: dict[str, str], file: tuple[str, bytes] | None) -> httpx.Response:
     return http.post(URL, headers=AUTH, data=data, files={"file": file} if file else None)
 
 
 def test_not_audio(http: TestClient) -> None:
     message = assert_error(
         post(http, {"model": "whisper-base"}, ("notes.mp3", b"Dear diary, today...\n" * 50)),
-        400, "file", "invalid_audio")
+        400,
+        "file",
+        "invalid_audio",
+    )
     assert "could not be decoded as audio" in message and "webm" in message
 
 
 def test_empty_file(http: TestClient) -> None:
-    assert_error(post(http, {"model": "whisper-base"}, ("empty.wav", b"")), 400, "file",
-                 "empty_audio")
+    assert_error(
+        post(http, {"model": "whisper-base"}, ("empty.wav", b"")), 400, "file", "empty_audio"
+    )
 
 
 def test_file_over_the_size_cap_is_413(http: TestClient, tmp_path: Path) -> None:
     big = silence(tmp_path / "big.wav", 30, "wav")  # 1.3 MB of WAV, over the 1 MB cap
-    message = assert_error(post(http, {"model": "whisper-base"}, ("big.wav", big.read_bytes())),
-                           413, "file", "audio_too_large")
+    message = assert_error(
+        post(http, {"model": "whisper-base"}, ("big.wav", big.read_bytes())),
+        413,
+        "file",
+        "audio_too_large",
+    )
     assert "LLMUX_MAX_AUDIO_MB" in message
 
 
 def test_audio_over_the_duration_cap(http: TestClient, tmp_path: Path) -> None:
     long = silence(tmp_path / "long.flac", 2 * MAX_AUDIO_SECONDS)  # small file, long audio
-    message = assert_error(post(http, {"model": "whisper-base"}, ("l.flac", long.read_bytes())),
-                           400, "file", "audio_too_long")
+    message = assert_error(
+        post(http, {"model": "whisper-base"}, ("l.flac", long.read_bytes())),
+        400,
+        "file",
+        "audio_too_long",
+    )
     assert "60 seconds" in message
 
 
 def test_unknown_model_is_404(client: openai.OpenAI, clips: Clips) -> None:
     with pytest.raises(openai.NotFoundError) as caught:
-        client.audio.transcriptions.create(model="whisper-1", file=("a.wav", clips["en", "wav"]
-                                                                     .read_bytes()))
+        client.audio.transcriptions.create(
+            model="whisper-1", file=("a.wav", clips["en", "wav"].read_bytes())
+        )
     assert caught.value.code == "model_not_found" and "whisper-1" in caught.value.message
 
 
-@pytest.mark.parametrize("model,endpoint", [("Chat-Model", "/v1/chat/completions"),
-                                            ("Voice-Model", "/v1/audio/speech")])
+@pytest.mark.parametrize(
+    "model,endpoint", [("Chat-Model", "/v1/chat/completions"), ("Voice-Model", "/v1/audio/speech")]
+)
 def test_a_model_of_another_kind_names_its_endpoint(
     client: openai.OpenAI, clips: Clips, model: str, endpoint: str
 ) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client.audio.transcriptions.create(model=model, file=("a.wav", clips["en", "wav"]
-                                                               .read_bytes()))
+        client.audio.transcriptions.create(
+            model=model, file=("a.wav", clips["en", "wav"].read_bytes())
+        )
     assert endpoint in caught.value.message
     assert caught.value.param == "model"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("language", ["xx", "klingon", "e"])
 def test_unknown_language_code(http: TestClient, language: str) -> None:
-    message = assert_error(post(http, {"model": "whisper-base", "language": language},
-                                ("a.wav", b"RIFF")), 400, "language")
+    message = assert_error(
+        post(http, {"model": "whisper-base", "language": language}, ("a.wav", b"RIFF")),
+        400,
+        "language",
+    )
     assert repr(language) in message
 
 
@@ -423,16 +453,26 @@ def test_missing_model_field(http: TestClient, clips: Clips) -> None:
     assert_error(post(http, {}, ("a.wav", clips["en", "wav"].read_bytes())), 400, "model")
 
 
-@pytest.mark.parametrize("field,value", [("response_format", "docx"), ("temperature", "2"),
-                                         ("timestamp_granularities[]", "word"),
-                                         ("stream", "true")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("response_format", "docx"),
+        ("temperature", "2"),
+        ("timestamp_granularities[]", "word"),
+        ("stream", "true"),
+    ],
+)
 def test_unsupported_options(http: TestClient, field: str, value: str) -> None:
-    assert_error(post(http, {"model": "whisper-base", field: value}, ("a.wav", b"RIFF")), 400,
-                 field)
+    assert_error(
+        post(http, {"model": "whisper-base", field: value}, ("a.wav", b"RIFF")), 400, field
+    )
 
 
 def test_weights_not_on_disk_is_503_saying_where(http: TestClient, clips: Clips) -> None:
     message = assert_error(
         post(http, {"model": "Not-Downloaded"}, ("a.wav", clips["en", "wav"].read_bytes())),
-        503, None, "model_weights_missing")
+        503,
+        None,
+        "model_weights_missing",
+    )
     assert "/nonexistent/cohere-transcribe" in message

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from llmux.config import PhysicalModel
-from llmux.errors import BadRequest
+from llmux.core.config import PhysicalModel
+from llmux.core.errors import BadRequest
 from llmux.settings import REPO_DIR, Settings
 from runners.base import ModelLoadError, WeightsMissing
 from runners.chat import GenerationChunk, GenerationRequest
@@ -42,8 +42,11 @@ GEMMA_TEMPLATE = REPO_DIR / "config" / "local" / "templates" / "gemma3.jinja"
 HELLO = [{"role": "user", "content": "Say hello in one word."}]
 
 
-def run(runner: TransformersChatRunner, request: GenerationRequest,
-        cancel: threading.Event | None = None) -> tuple[str, list[GenerationChunk]]:
+def run(
+    runner: TransformersChatRunner,
+    request: GenerationRequest,
+    cancel: threading.Event | None = None,
+) -> tuple[str, list[GenerationChunk]]:
     chunks = list(runner.generate(request, cancel or threading.Event()))
     return "".join(chunk.text for chunk in chunks), chunks
 
@@ -56,8 +59,13 @@ def gemma() -> Iterator[TransformersChatRunner]:
     if not (GEMMA_DIR / GEMMA_FILE).is_file():
         pytest.skip(f"{GEMMA_DIR / GEMMA_FILE} is missing: run `make setup`")
     spec = PhysicalModel(
-        type="llm", backend="transformers", model_file=GEMMA_FILE, estimated_vram_gb=0.5,
-        parser="plain", context_length=4096, chat_template=str(GEMMA_TEMPLATE),
+        type="llm",
+        backend="transformers",
+        model_file=GEMMA_FILE,
+        estimated_vram_gb=0.5,
+        parser="plain",
+        context_length=4096,
+        chat_template=str(GEMMA_TEMPLATE),
     )
     runner = TransformersChatRunner("gemma3-270m", spec, GEMMA_DIR)
     runner.load()
@@ -66,12 +74,14 @@ def gemma() -> Iterator[TransformersChatRunner]:
 
 
 def test_gemma_prompt_is_the_gemma3_template(gemma: TransformersChatRunner) -> None:
-    request = GenerationRequest(messages=[
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": [{"type": "text", "text": "Say hello in one word."}]},
-    ])
+    request = GenerationRequest(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": [{"type": "text", "text": "Say hello in one word."}]},
+        ]
+    )
     assert gemma.render_prompt(request) == (
         "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
         "<start_of_turn>model\nHello!<end_of_turn>\n"
@@ -89,8 +99,11 @@ def test_gemma_greedy_answer_is_llama_cpps(gemma: TransformersChatRunner) -> Non
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(str(GEMMA_DIR / GEMMA_FILE), n_ctx=256, verbose=False)
     try:
-        prompt = llm.tokenize(gemma.render_prompt(GenerationRequest(messages=HELLO)).encode(),
-                              add_bos=False, special=True)
+        prompt = llm.tokenize(
+            gemma.render_prompt(GenerationRequest(messages=HELLO)).encode(),
+            add_bos=False,
+            special=True,
+        )
         expected = []
         for token in llm.generate(prompt, temp=0.0, top_k=1):
             expected.append(token)
@@ -111,8 +124,12 @@ def test_gemma_max_tokens_ends_with_length(gemma: TransformersChatRunner) -> Non
 
 def test_gemma_seed_reproduces_sampling(gemma: TransformersChatRunner) -> None:
     def sample(seed: int) -> str:
-        request = GenerationRequest(messages=[{"role": "user", "content": "Tell me a story."}],
-                                    max_tokens=8, temperature=1.0, seed=seed)
+        request = GenerationRequest(
+            messages=[{"role": "user", "content": "Tell me a story."}],
+            max_tokens=8,
+            temperature=1.0,
+            seed=seed,
+        )
         return run(gemma, request)[0]
 
     first = sample(7)
@@ -137,8 +154,7 @@ class CancelAtCheck(threading.Event):
 
 def test_gemma_cancel_stops_within_a_token(gemma: TransformersChatRunner) -> None:
     cancel = CancelAtCheck(4)
-    _, chunks = run(gemma, GenerationRequest(messages=HELLO, max_tokens=40, temperature=0),
-                    cancel)
+    _, chunks = run(gemma, GenerationRequest(messages=HELLO, max_tokens=40, temperature=0), cancel)
     assert (chunks[-1].finish_reason, chunks[-1].completion_tokens) == ("stop", 3)
 
 
@@ -161,14 +177,16 @@ def test_gemma_json_schema_output_validates(gemma: TransformersChatRunner) -> No
         "properties": {
             "name": {"type": "string", "maxLength": 20},
             "age": {"type": "integer", "minimum": 0},
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
-                     "maxItems": 3},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
         },
         "required": ["name", "age", "tags"],
     }
     request = GenerationRequest(
         messages=[{"role": "user", "content": "Describe a person as JSON."}],
-        max_tokens=80, temperature=0.7, seed=1, json_schema=schema,
+        max_tokens=80,
+        temperature=0.7,
+        seed=1,
+        json_schema=schema,
     )
     text, chunks = run(gemma, request)
     assert chunks[-1].finish_reason == "stop", text
@@ -183,8 +201,9 @@ def test_gemma_bad_json_schema_is_a_bad_request(gemma: TransformersChatRunner) -
 
 
 @pytest.mark.parametrize("keep_special", [False, True])
-def test_detokenizer_streams_whole_characters(gemma: TransformersChatRunner,
-                                              keep_special: bool) -> None:
+def test_detokenizer_streams_whole_characters(
+    gemma: TransformersChatRunner, keep_special: bool
+) -> None:
     from runners.token_stream import IncrementalDetokenizer
 
     tokenizer = gemma._require().tokenizer
@@ -203,9 +222,15 @@ def test_detokenizer_streams_whole_characters(gemma: TransformersChatRunner,
 
 
 def qwen_spec(context_length: int | None = None) -> PhysicalModel:
-    return PhysicalModel(type="llm", backend="transformers", estimated_vram_gb=0.1,
-                         supports_vision=True, supports_tools=True, parser="qwen3.5",
-                         context_length=context_length)
+    return PhysicalModel(
+        type="llm",
+        backend="transformers",
+        estimated_vram_gb=0.1,
+        supports_vision=True,
+        supports_tools=True,
+        parser="qwen3.5",
+        context_length=context_length,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -233,9 +258,15 @@ def png(width: int, height: int) -> bytes:
 
 def test_qwen_generates_with_an_image_and_counts_its_tokens(qwen: TransformersChatRunner) -> None:
     request = GenerationRequest(
-        messages=[{"role": "user", "content": [{"type": "image"},
-                                               {"type": "text", "text": "What colour is this?"}]}],
-        images=[png(32, 32)], max_tokens=4, temperature=0,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What colour is this?"}],
+            }
+        ],
+        images=[png(32, 32)],
+        max_tokens=4,
+        temperature=0,
     )
     prompt = qwen.render_prompt(request)
     assert "<|vision_start|><|image_pad|><|vision_end|>What colour is this?" in prompt
@@ -255,28 +286,46 @@ def test_qwen_image_count_must_match_the_image_parts(qwen: TransformersChatRunne
     with pytest.raises(BadRequest):
         run(qwen, request)
     with pytest.raises(BadRequest, match="image"):
-        run(qwen, GenerationRequest(
-            messages=[{"role": "user", "content": [{"type": "image"}]}], images=[b"not a png"]))
+        run(
+            qwen,
+            GenerationRequest(
+                messages=[{"role": "user", "content": [{"type": "image"}]}], images=[b"not a png"]
+            ),
+        )
 
 
 def test_qwen_enable_thinking_shapes_the_generation_prompt(qwen: TransformersChatRunner) -> None:
     def prompt(**kwargs: Any) -> str:
-        return qwen.render_prompt(GenerationRequest(
-            messages=[{"role": "user", "content": "Hi"}], template_kwargs=kwargs))
+        return qwen.render_prompt(
+            GenerationRequest(messages=[{"role": "user", "content": "Hi"}], template_kwargs=kwargs)
+        )
 
     assert prompt(enable_thinking=True).endswith("<|im_start|>assistant\n<think>\n")
     assert prompt(enable_thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
 def test_qwen_tools_reach_the_prompt(qwen: TransformersChatRunner) -> None:
-    tool = {"type": "function", "function": {
-        "name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "Be useful."},
         {"role": "user", "content": "Weather in Berlin?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-            "name": "get_weather", "arguments": {"city": "Berlin"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Berlin"}},
+                }
+            ],
+        },
         {"role": "tool", "content": "sunny"},
     ]
     prompt = qwen.render_prompt(GenerationRequest(messages=messages, tools=[tool]))
@@ -289,13 +338,17 @@ def test_qwen_tools_reach_the_prompt(qwen: TransformersChatRunner) -> None:
 def test_qwen_reserved_template_kwargs_do_not_change_rendering(
     qwen: TransformersChatRunner,
 ) -> None:
-    request = GenerationRequest(messages=[{"role": "user", "content": "Hi"}],
-                                template_kwargs={"tokenize": True, "add_generation_prompt": False})
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": "Hi"}],
+        template_kwargs={"tokenize": True, "add_generation_prompt": False},
+    )
     assert qwen.render_prompt(request).endswith("<|im_start|>assistant\n<think>\n")
 
 
 def test_qwen_greedy_ignores_the_checkpoints_generation_config(
-    qwen: TransformersChatRunner, qwen_dir: Path, tmp_path: Path,
+    qwen: TransformersChatRunner,
+    qwen_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """temperature 0 is argmax at every step, even under a generation_config.json that bans
     exactly those tokens and penalises repetition (it would if generate merged it in)."""
@@ -303,11 +356,13 @@ def test_qwen_greedy_ignores_the_checkpoints_generation_config(
 
     import torch
 
-    request = GenerationRequest(messages=[{"role": "user", "content": "Hello world"}],
-                                max_tokens=6, temperature=0)
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": "Hello world"}], max_tokens=6, temperature=0
+    )
     loaded = qwen._require()
-    ids = loaded.tokenizer(qwen.render_prompt(request), add_special_tokens=False,
-                           return_tensors="pt").input_ids
+    ids = loaded.tokenizer(
+        qwen.render_prompt(request), add_special_tokens=False, return_tensors="pt"
+    ).input_ids
     expected: list[int] = []
     with torch.no_grad():
         for _ in range(6):
@@ -318,10 +373,17 @@ def test_qwen_greedy_ignores_the_checkpoints_generation_config(
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     hostile = tmp_path / "hostile"
     shutil.copytree(qwen_dir, hostile)
-    (hostile / "generation_config.json").write_text(json.dumps({
-        "bad_words_ids": [[token] for token in set(expected)], "repetition_penalty": 100.0,
-        "do_sample": True, "temperature": 5.0, "top_k": 1,
-    }))
+    (hostile / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bad_words_ids": [[token] for token in set(expected)],
+                "repetition_penalty": 100.0,
+                "do_sample": True,
+                "temperature": 5.0,
+                "top_k": 1,
+            }
+        )
+    )
     runner = TransformersChatRunner("tiny-qwen3.5", qwen_spec(), hostile)
     runner.load()
     try:
@@ -351,9 +413,12 @@ def _generation_threads() -> list[threading.Thread]:
 def test_closing_the_stream_early_joins_the_generation_thread(
     qwen: TransformersChatRunner,
 ) -> None:
-    stream = qwen.generate(GenerationRequest(messages=[{"role": "user", "content": "Hi"}],
-                                             max_tokens=200, temperature=0.0),
-                           threading.Event())
+    stream = qwen.generate(
+        GenerationRequest(
+            messages=[{"role": "user", "content": "Hi"}], max_tokens=200, temperature=0.0
+        ),
+        threading.Event(),
+    )
     first = next(stream)
     assert first.token_ids
     assert _generation_threads()
@@ -362,7 +427,8 @@ def test_closing_the_stream_early_joins_the_generation_thread(
 
 
 def test_an_error_in_generate_reaches_the_caller(
-    qwen: TransformersChatRunner, monkeypatch: pytest.MonkeyPatch,
+    qwen: TransformersChatRunner,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def broken(**kwargs: Any) -> None:
         raise RuntimeError("CUDA out of memory (pretend)")
@@ -386,7 +452,8 @@ def test_unload_frees_the_model(qwen_dir: Path) -> None:
 
 
 def test_weights_without_a_chat_template_need_one_from_the_registry(
-    qwen_dir: Path, tmp_path: Path,
+    qwen_dir: Path,
+    tmp_path: Path,
 ) -> None:
     import shutil
 
@@ -401,8 +468,9 @@ def test_weights_without_a_chat_template_need_one_from_the_registry(
     runner = TransformersChatRunner("bare", spec, bare)
     runner.load()
     try:
-        prompt = runner.render_prompt(GenerationRequest(messages=[{"role": "user",
-                                                                   "content": "Hi"}]))
+        prompt = runner.render_prompt(
+            GenerationRequest(messages=[{"role": "user", "content": "Hi"}])
+        )
     finally:
         runner.unload()
     assert prompt == "Hi|<|im_start|>"
@@ -427,8 +495,9 @@ def test_sampling_settings() -> None:
     sampler = make_sampler(1.0, 0.6, 3, torch.device("cpu"))
     assert sampler is not None
     scores = torch.log(torch.tensor([[0.2, 0.5, 0.3]]))
-    picks = {int(sampler(torch.zeros((1, 1), dtype=torch.long), scores).argmax())
-             for _ in range(50)}
+    picks = {
+        int(sampler(torch.zeros((1, 1), dtype=torch.long), scores).argmax()) for _ in range(50)
+    }
     assert picks == {1, 2}
 
 
@@ -446,18 +515,27 @@ def test_mxfp4_without_kernels_is_refused_before_loading(tmp_path: Path) -> None
     if not blockers:
         pytest.skip("this machine runs MXFP4 natively: nothing to refuse")
     config = GptOssConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=4,
         num_experts_per_tok=2,
     )
     config.quantization_config = {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                   "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
     }
     config.save_pretrained(tmp_path)
-    spec = PhysicalModel(type="llm", backend="transformers", estimated_vram_gb=13,
-                         parser="harmony")
+    spec = PhysicalModel(type="llm", backend="transformers", estimated_vram_gb=13, parser="harmony")
     runner = TransformersChatRunner("gpt-oss-20b", spec, tmp_path)
     with pytest.raises(ModelLoadError) as caught:
         runner.load()
@@ -467,22 +545,41 @@ def test_mxfp4_without_kernels_is_refused_before_loading(tmp_path: Path) -> None
     assert runner._loaded is None
 
 
-GOOD = Mxfp4Environment(cuda_capability=(12, 0), triton_version="3.5.0", triton_ok=True,
-                        kernels_version="0.18.2", kernels_ok=True,
-                        kernels_range=">=0.18.2,<0.19.0")
+GOOD = Mxfp4Environment(
+    cuda_capability=(12, 0),
+    triton_version="3.5.0",
+    triton_ok=True,
+    kernels_version="0.18.2",
+    kernels_ok=True,
+    kernels_range=">=0.18.2,<0.19.0",
+)
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    (GOOD, []),
-    (Mxfp4Environment(None, "3.5.0", True, "0.18.2", True, ">=0.18.2,<0.19.0"),
-     ["no CUDA GPU"]),
-    (Mxfp4Environment((7, 0), "3.5.0", True, "0.18.2", True, ">=0.18.2,<0.19.0"),
-     ["compute capability 7.0"]),
-    (Mxfp4Environment((12, 0), None, False, None, False, ">=0.18.2,<0.19.0"),
-     ["triton >= 3.4.0 (not installed)", "kernels` package, >=0.18.2,<0.19.0 (not installed)"]),
-    (Mxfp4Environment((12, 0), "3.3.0", False, "0.20.0", False, ">=0.18.2,<0.19.0"),
-     ["3.3.0 is installed", "0.20.0 is installed"]),
-])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (GOOD, []),
+        (
+            Mxfp4Environment(None, "3.5.0", True, "0.18.2", True, ">=0.18.2,<0.19.0"),
+            ["no CUDA GPU"],
+        ),
+        (
+            Mxfp4Environment((7, 0), "3.5.0", True, "0.18.2", True, ">=0.18.2,<0.19.0"),
+            ["compute capability 7.0"],
+        ),
+        (
+            Mxfp4Environment((12, 0), None, False, None, False, ">=0.18.2,<0.19.0"),
+            [
+                "triton >= 3.4.0 (not installed)",
+                "kernels` package, >=0.18.2,<0.19.0 (not installed)",
+            ],
+        ),
+        (
+            Mxfp4Environment((12, 0), "3.3.0", False, "0.20.0", False, ">=0.18.2,<0.19.0"),
+            ["3.3.0 is installed", "0.20.0 is installed"],
+        ),
+    ],
+)
 def test_mxfp4_blockers(env: Mxfp4Environment, expected: list[str]) -> None:
     blockers = mxfp4_blockers(env)
     assert len(blockers) == len(expected)
@@ -490,11 +587,14 @@ def test_mxfp4_blockers(env: Mxfp4Environment, expected: list[str]) -> None:
         assert words in blocker
 
 
-@pytest.mark.parametrize(("quantization_config", "expected"), [
-    (None, False),
-    ({"quant_method": "mxfp4"}, True),
-    ({"quant_method": "mxfp4", "dequantize": True}, False),  # the operator chose bf16
-    ({"quant_method": "fp8"}, False),
-])
+@pytest.mark.parametrize(
+    ("quantization_config", "expected"),
+    [
+        (None, False),
+        ({"quant_method": "mxfp4"}, True),
+        ({"quant_method": "mxfp4", "dequantize": True}, False),  # the operator chose bf16
+        ({"quant_method": "fp8"}, False),
+    ],
+)
 def test_is_mxfp4_checkpoint(quantization_config: dict[str, Any] | None, expected: bool) -> None:
     assert is_mxfp4_checkpoint(quantization_config) is expected

@@ -20,8 +20,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from llmux.audio.encode import RESPONSE_FORMATS, encode_audio
-from llmux.config import PhysicalModel
-from llmux.speech import split_text
+from llmux.core.config import PhysicalModel
+from llmux.services.speech import split_text
+from runners.base import NotLoaded
 from tests.conftest import TEST_KEY
 from tests.test_audio_encode import decode
 from tests.test_voices import PIPER_DIR, write_config
@@ -48,12 +49,17 @@ def chatterbox_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
 
 def models_yaml(dirs: dict[str, Path]) -> str:
     """Piper, plus the Chatterbox checkpoints in `dirs` (none when empty)."""
-    names = {"original": "Chatterbox", "turbo": "Chatterbox-Turbo",
-             "multilingual": "Chatterbox-Multilingual"}
+    names = {
+        "original": "Chatterbox",
+        "turbo": "Chatterbox-Turbo",
+        "multilingual": "Chatterbox-Multilingual",
+    }
     present = [v for v in VARIANTS if v in dirs]
     physical = "".join(
         f"  cb-{v}:\n    type: tts\n    backend: chatterbox\n    variant: {v}\n"
-        f"    path: {dirs[v]}\n    estimated_vram_gb: 2\n" for v in present)
+        f"    path: {dirs[v]}\n    estimated_vram_gb: 2\n"
+        for v in present
+    )
     virtual = "".join(f"  {names[v]}: {{physical: cb-{v}}}\n" for v in present)
     return (
         "gpu_budget_gb: 16\nphysical_models:\n"
@@ -68,8 +74,10 @@ def sdk(
     chatterbox_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[openai.OpenAI]:
     """One app for the session: residency keeps a model loaded between tests of one model."""
-    voices = (f"voices:\n  clip:\n    reference: {chatterbox_dirs['clip']}\n    language: de\n"
-              "openai_voices:\n  nova: clip\n")
+    voices = (
+        f"voices:\n  clip:\n    reference: {chatterbox_dirs['clip']}\n    language: de\n"
+        "openai_voices:\n  nova: clip\n"
+    )
     yield from app_client(models_yaml(chatterbox_dirs), voices, tmp_path_factory)
 
 
@@ -97,8 +105,10 @@ def speak(
     extra = {"language": body.pop("language")} if "language" in body else None
     request = {"input": SENTENCE, "voice": "alloy", "response_format": response_format, **body}
     answer = sdk.audio.speech.create(**request, extra_body=extra)  # type: ignore[arg-type]
-    assert answer.response.headers["content-type"] == encode_audio(
-        np.zeros(1, np.float32), 24000, response_format).content_type  # type: ignore[arg-type]
+    assert (
+        answer.response.headers["content-type"]
+        == encode_audio(np.zeros(1, np.float32), 24000, response_format).content_type
+    )  # type: ignore[arg-type]
     samples, rate, _ = decode(answer.content, response_format)
     return samples, rate
 
@@ -119,9 +129,11 @@ def test_piper_speaks_every_format(piper_sdk: openai.OpenAI, response_format: st
 
 def test_open_webui_read_aloud_gets_mp3(piper_sdk: openai.OpenAI) -> None:
     """Open WebUI sends {input, voice: "alloy", model} and nothing else."""
-    response = piper_sdk._client.post("http://llmux.test/v1/audio/speech", json={  # noqa: SLF001
-        "input": "Read this aloud.", "voice": "alloy", "model": "piper-joe"},
-        headers={"Authorization": f"Bearer {TEST_KEY}"})
+    response = piper_sdk._client.post(
+        "http://llmux.test/v1/audio/speech",
+        json={"input": "Read this aloud.", "voice": "alloy", "model": "piper-joe"},
+        headers={"Authorization": f"Bearer {TEST_KEY}"},
+    )
     assert response.status_code == 200
     assert response.headers["content-type"] == "audio/mpeg"
     samples, rate, container = decode(response.content, "mp3")
@@ -181,8 +193,13 @@ def test_chatterbox_speaks_24khz_that_encodes_to_every_format(
 def test_multilingual_clones_a_clip_in_its_language(sdk: openai.OpenAI) -> None:
     """A clip voice through the API. (Each checkpoint's conds.pt was made by its class's own
     prepare_conditionals from a clip, so cloning has run for all three variants already.)"""
-    samples, rate = speak(sdk, model="Chatterbox-Multilingual", voice="nova", language="de",
-                          input="Guten Morgen, wie geht es dir?")
+    samples, rate = speak(
+        sdk,
+        model="Chatterbox-Multilingual",
+        voice="nova",
+        language="de",
+        input="Guten Morgen, wie geht es dir?",
+    )
     assert rate == 24_000 and seconds(samples, rate) > 0.5
 
 
@@ -233,15 +250,16 @@ def test_runner_generates_one_at_a_time_and_keeps_each_voice(
     runner.load()
     voices = [None, clip, None, clip] * 2
     threads = [
-        threading.Thread(target=runner.speak, args=("Hi.",),
-                         kwargs={"voice": v, "language": "en", "speed": 1.0})
+        threading.Thread(
+            target=runner.speak, args=("Hi.",), kwargs={"voice": v, "language": "en", "speed": 1.0}
+        )
         for v in voices
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    model = runner._model  # noqa: SLF001 - the stand-in's records
+    model = runner._model
     assert model.most_active == 1
     assert model.prepared == [str(clip)]  # a clip's conditionals are computed once
     assert sorted(map(str, model.seen)) == ["builtin"] * 4 + ["clip:anna.wav"] * 4
@@ -251,7 +269,7 @@ def test_runner_generates_one_at_a_time_and_keeps_each_voice(
     with pytest.raises(ValueError, match="English only"):
         runner.speak("Hallo.", voice=None, language="de", speed=1.0)
     runner.unload()
-    with pytest.raises(RuntimeError, match="not loaded"):
+    with pytest.raises(NotLoaded, match="not loaded"):
         runner.speak("Hi.", voice=None, language="en", speed=1.0)
 
 
@@ -260,5 +278,5 @@ def test_runner_refuses_missing_files_naming_them(tmp_path: Path) -> None:
     from runners.chatterbox import ChatterboxRunner
 
     spec = PhysicalModel(type="tts", backend="chatterbox", variant="turbo", estimated_vram_gb=2)
-    with pytest.raises(WeightsMissing, match="ve.safetensors"):
+    with pytest.raises(WeightsMissing, match=r"ve\.safetensors"):
         ChatterboxRunner("t", spec, tmp_path).load()

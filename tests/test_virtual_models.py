@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from llmux.chat.request import prepare_chat
-from llmux.config import Registry, load_registry
+from llmux.core.config import Registry, load_registry
+from llmux.services.chat_request import prepare_chat
 from llmux.wire.chat import ChatCompletionRequest
 from runners.llamacpp import LlamaCppChatRunner
 from tests.conftest import GEMMA, REPO
@@ -28,17 +28,23 @@ QWEN_LIKE = """{%- for m in messages %}<|im_start|>{{ m.role }}
 
 {% else %}<think>
 {% endif %}{% endif %}"""
-HARMONY_LIKE = """<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}<|end|>
+HARMONY_LIKE = """<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}\
+<|end|>
 {%- for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor -%}
 <|start|>assistant"""
 
 EXPECTED = {
-    "Qwen3.5-9B-FP8-Thinking": "think-on", "Qwen3.5-9B-FP8-Instruct": "think-off",
+    "Qwen3.5-9B-FP8-Thinking": "think-on",
+    "Qwen3.5-9B-FP8-Instruct": "think-off",
     "Qwen3.5-9B-FP8-Uncensored-Thinking": "think-on",
     "Qwen3.5-9B-FP8-Uncensored-Instruct": "think-off",
-    "Qwen3.5-4B-Thinking": "think-on", "Qwen3.5-4B-Instruct": "think-off",
-    "GPT-OSS-20B-Low": "low", "GPT-OSS-20B-Medium": "medium", "GPT-OSS-20B-High": "high",
-    "GPT-OSS-20B-Uncensored-Low": "low", "GPT-OSS-20B-Uncensored-Medium": "medium",
+    "Qwen3.5-4B-Thinking": "think-on",
+    "Qwen3.5-4B-Instruct": "think-off",
+    "GPT-OSS-20B-Low": "low",
+    "GPT-OSS-20B-Medium": "medium",
+    "GPT-OSS-20B-High": "high",
+    "GPT-OSS-20B-Uncensored-Low": "low",
+    "GPT-OSS-20B-Uncensored-Medium": "medium",
     "GPT-OSS-20B-Uncensored-High": "high",
 }
 
@@ -58,9 +64,15 @@ def runners(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> dic
         if spec.type != "llm":
             continue
         template = "harmony.jinja" if "gpt-oss" in physical_id else "qwen.jinja"
-        stand_in = spec.model_copy(update={
-            "backend": "llamacpp", "model_file": GEMMA.name, "mmproj_file": None,
-            "chat_template": str(templates / template), "context_length": 512})
+        stand_in = spec.model_copy(
+            update={
+                "backend": "llamacpp",
+                "model_file": GEMMA.name,
+                "mmproj_file": None,
+                "chat_template": str(templates / template),
+                "context_length": 512,
+            }
+        )
         runner = LlamaCppChatRunner(physical_id, stand_in, GEMMA.parent)
         runner.load()
         out[physical_id] = runner
@@ -77,8 +89,11 @@ def rendered(registry: Registry, runners: dict, name: str, **extra: object) -> s
 
 
 def test_all_twelve_llm_names_are_covered(registry: Registry) -> None:
-    llm_names = {n for n, v in registry.virtual_models.items()
-                 if registry.physical_models[v.physical].type == "llm"}
+    llm_names = {
+        n
+        for n, v in registry.virtual_models.items()
+        if registry.physical_models[v.physical].type == "llm"
+    }
     assert llm_names == set(EXPECTED)
 
 
@@ -94,20 +109,24 @@ def test_virtual_name_reaches_its_template(registry: Registry, runners: dict, na
         assert f"Reasoning: {expected}<|end|>" in prompt
 
 
-def test_request_reasoning_effort_overrides_the_virtual_level(registry: Registry,
-                                                              runners: dict) -> None:  # type: ignore[type-arg]
-    assert "Reasoning: high" in rendered(registry, runners, "GPT-OSS-20B-Low",
-                                         reasoning_effort="high")
+def test_request_reasoning_effort_overrides_the_virtual_level(
+    registry: Registry, runners: dict
+) -> None:  # type: ignore[type-arg]
+    assert "Reasoning: high" in rendered(
+        registry, runners, "GPT-OSS-20B-Low", reasoning_effort="high"
+    )
 
 
 def test_client_template_kwargs_win(registry: Registry, runners: dict) -> None:  # type: ignore[type-arg]
-    prompt = rendered(registry, runners, "Qwen3.5-4B-Thinking",
-                      chat_template_kwargs={"enable_thinking": False})
+    prompt = rendered(
+        registry, runners, "Qwen3.5-4B-Thinking", chat_template_kwargs={"enable_thinking": False}
+    )
     assert prompt.endswith("<think>\n\n</think>\n\n")
 
 
 def test_forced_tool_call_turns_thinking_off(registry: Registry, runners: dict) -> None:  # type: ignore[type-arg]
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    prompt = rendered(registry, runners, "Qwen3.5-9B-FP8-Thinking", tools=[tool],
-                      tool_choice="required")
+    prompt = rendered(
+        registry, runners, "Qwen3.5-9B-FP8-Thinking", tools=[tool], tool_choice="required"
+    )
     assert prompt.endswith("<think>\n\n</think>\n\n")

@@ -14,8 +14,8 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from llmux.config import ConfigError, PhysicalModel
-from llmux.errors import BadRequest
+from llmux.core.config import ConfigError, PhysicalModel
+from llmux.core.errors import BadRequest
 from llmux.voices import (
     MULTILINGUAL_LANGUAGES,
     OPENAI_VOICES,
@@ -74,12 +74,14 @@ default_voice: narrator
 """
 
 
-def write_config(directory: Path, models_yaml: str = MODELS_YAML,
-                 voices_yaml: str | None = VOICES_YAML) -> Path:
+def write_config(
+    directory: Path, models_yaml: str = MODELS_YAML, voices_yaml: str | None = VOICES_YAML
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "models.yaml").write_text(models_yaml, encoding="utf-8")
     (directory / "api_keys.yaml").write_text(
-        f"api_keys:\n  - key: {TEST_KEY}\n    name: test-client\n", encoding="utf-8")
+        f"api_keys:\n  - key: {TEST_KEY}\n    name: test-client\n", encoding="utf-8"
+    )
     if voices_yaml is not None:
         (directory / "voices.yaml").write_text(voices_yaml, encoding="utf-8")
     return directory
@@ -164,22 +166,27 @@ def test_a_bad_voices_file_stops_start_up(tmp_path: Path) -> None:
     from llmux.settings import Settings
 
     config = write_config(tmp_path, voices_yaml="voices:\n  x:\n    language: klingon\n")
-    with pytest.raises(ConfigError, match="voices.x.language"):
+    with pytest.raises(ConfigError, match=r"voices\.x\.language"):
         build_state(Settings(config_dir=config, models_dir=tmp_path))
 
 
 def test_language_list_matches_chatterbox() -> None:
     from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 
-    assert MULTILINGUAL_LANGUAGES == set(SUPPORTED_LANGUAGES)
+    assert set(SUPPORTED_LANGUAGES) == MULTILINGUAL_LANGUAGES
 
 
 # --- voice and language choice ----------------------------------------------------------------
 
 MTL = PhysicalModel(type="tts", backend="chatterbox", variant="multilingual", estimated_vram_gb=2)
 TURBO = PhysicalModel(type="tts", backend="chatterbox", variant="turbo", estimated_vram_gb=2)
-PIPER = PhysicalModel(type="tts", backend="piper", model_file="v.onnx", estimated_vram_gb=0.1,
-                      default_language="en_US")
+PIPER = PhysicalModel(
+    type="tts",
+    backend="piper",
+    model_file="v.onnx",
+    estimated_vram_gb=0.1,
+    default_language="en_US",
+)
 
 
 @pytest.mark.parametrize(
@@ -235,8 +242,9 @@ def test_lists_need_a_key_by_default(http: TestClient, path: str) -> None:
 def test_open_audio_discovery_opens_exactly_the_two_lists(tts_settings) -> None:  # type: ignore[no-untyped-def]
     from llmux.app import create_app
 
-    with TestClient(create_app(replace(tts_settings, open_audio_discovery=True)),
-                    base_url="http://llmux.test") as http:
+    with TestClient(
+        create_app(replace(tts_settings, open_audio_discovery=True)), base_url="http://llmux.test"
+    ) as http:
         assert http.get("/v1/audio/voices").status_code == 200
         assert http.get("/v1/audio/models").json()["models"][0] == {"id": "piper-joe"}
         speech = http.post("/v1/audio/speech", json={"model": "piper-joe", "input": "hi"})
@@ -248,8 +256,9 @@ def test_open_audio_discovery_opens_exactly_the_two_lists(tts_settings) -> None:
 def test_settings_from_env() -> None:
     from llmux.settings import Settings
 
-    settings = Settings.from_env({"LLMUX_TTS_MAX_INPUT_CHARS": "100",
-                                  "LLMUX_OPEN_AUDIO_DISCOVERY": "1"})
+    settings = Settings.from_env(
+        {"LLMUX_TTS_MAX_INPUT_CHARS": "100", "LLMUX_OPEN_AUDIO_DISCOVERY": "1"}
+    )
     assert settings.tts_max_input_chars == 100 and settings.open_audio_discovery is True
     defaults = Settings.from_env({})
     assert defaults.tts_max_input_chars == 4096 and defaults.open_audio_discovery is False
@@ -302,10 +311,14 @@ def test_unknown_model_is_404(sdk: openai.OpenAI) -> None:
 def test_input_cap_is_a_setting(tts_settings) -> None:  # type: ignore[no-untyped-def]
     from llmux.app import create_app
 
-    with TestClient(create_app(replace(tts_settings, tts_max_input_chars=10)),
-                    base_url="http://llmux.test") as http:
-        response = http.post("/v1/audio/speech", headers=AUTH,
-                             json={"model": "piper-joe", "input": "Eleven char", "voice": "alloy"})
+    with TestClient(
+        create_app(replace(tts_settings, tts_max_input_chars=10)), base_url="http://llmux.test"
+    ) as http:
+        response = http.post(
+            "/v1/audio/speech",
+            headers=AUTH,
+            json={"model": "piper-joe", "input": "Eleven char", "voice": "alloy"},
+        )
         assert response.status_code == 400
         assert "at most 10" in response.json()["error"]["message"]
 

@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 # Text tags Qwen keeps as ordinary (non-special) added tokens, so decoding keeps them.
 QWEN_TAGS = ["<think>", "</think>", "<tool_call>", "</tool_call>"]
 QWEN_TEMPLATE = """\
@@ -65,20 +72,31 @@ def build_tiny_qwen35_vl(out: Path) -> None:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    corpus = ["Hello world! What colour is this image?", "user assistant system tools",
-              "get_weather city Berlin function parameter"] * 4
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=QWEN_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    ))
+    corpus = [
+        "Hello world! What colour is this image?",
+        "user assistant system tools",
+        "get_weather city Berlin function parameter",
+    ] * 4
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=QWEN_SPECIAL,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     bpe.add_tokens([AddedToken(tag, special=False, normalized=False) for tag in QWEN_TAGS])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
     tokenizer.chat_template = QWEN_TEMPLATE
     tokenizer.save_pretrained(out)
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=PATCH, temporal_patch_size=2, merge_size=MERGE,
-        min_pixels=16 * 16, max_pixels=64 * 64,
+        patch_size=PATCH,
+        temporal_patch_size=2,
+        merge_size=MERGE,
+        min_pixels=16 * 16,
+        max_pixels=64 * 64,
     )
     image_processor.save_pretrained(out)
     preprocessor = out / "preprocessor_config.json"
@@ -89,30 +107,58 @@ def build_tiny_qwen35_vl(out: Path) -> None:
     token = tokenizer.convert_tokens_to_ids
     config = Qwen3_5Config(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "layer_types": ["linear_attention", "full_attention"],
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-            "linear_num_key_heads": 2, "linear_num_value_heads": 2,
-            "linear_key_head_dim": 8, "linear_value_head_dim": 8,
-            "max_position_embeddings": 512, "eos_token_id": token("<|im_end|>"),
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "layer_types": ["linear_attention", "full_attention"],
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 2,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "max_position_embeddings": 512,
+            "eos_token_id": token("<|im_end|>"),
             "pad_token_id": token("<|endoftext|>"),
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
-                                "mrope_section": [2, 1, 1], "mrope_interleaved": True,
-                                "partial_rotary_factor": 0.5},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True,
+                "partial_rotary_factor": 0.5,
+            },
         },
         vision_config={
-            "depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-            "patch_size": PATCH, "spatial_merge_size": MERGE, "temporal_patch_size": 2,
-            "out_hidden_size": 32, "num_position_embeddings": 64,
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": PATCH,
+            "spatial_merge_size": MERGE,
+            "temporal_patch_size": 2,
+            "out_hidden_size": 32,
+            "num_position_embeddings": 64,
         },
-        image_token_id=token("<|image_pad|>"), video_token_id=token("<|video_pad|>"),
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
         vision_start_token_id=token("<|vision_start|>"),
-        vision_end_token_id=token("<|vision_end|>"), tie_word_embeddings=True,
+        vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     Qwen3_5ForConditionalGeneration(config).save_pretrained(out)
     # Sampling advice like Qwen's own; greedy requests must not be affected by it.
-    (out / "generation_config.json").write_text(json.dumps({
-        "do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95,
-        "repetition_penalty": 1.5, "eos_token_id": token("<|im_end|>"),
-    }))
+    (out / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_k": 20,
+                "top_p": 0.95,
+                "repetition_penalty": 1.5,
+                "eos_token_id": token("<|im_end|>"),
+            }
+        )
+    )

@@ -43,8 +43,9 @@ def chatterbox_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     reads layers 9, 12 and 13, so that one keeps 14) and a narrower Llama MLP."""
     from chatterbox.models.t3 import llama_configs
 
-    llama = dict(llama_configs.LLAMA_CONFIGS["Llama_520M"], num_hidden_layers=14,
-                 intermediate_size=1024)
+    llama = dict(
+        llama_configs.LLAMA_CONFIGS["Llama_520M"], num_hidden_layers=14, intermediate_size=1024
+    )
     gpt2 = dict(llama_configs.LLAMA_CONFIGS["GPT2_medium"], n_layer=2)
     monkeypatch.setitem(llama_configs.LLAMA_CONFIGS, "Llama_520M", llama)
     monkeypatch.setitem(llama_configs.LLAMA_CONFIGS, "GPT2_medium", gpt2)
@@ -85,7 +86,8 @@ def build_checkpoint(variant: str, directory: Path, reference: Path) -> Path:
         save_file(t3.state_dict(), directory / "t3_mtl23ls_v2.safetensors")
         torch.save(S3Gen().state_dict(), directory / "s3gen.pt")
         _char_tokenizer(t3.hp.text_tokens_dict_size, languages=True).save(
-            str(directory / "grapheme_mtl_merged_expanded_v1.json"))
+            str(directory / "grapheme_mtl_merged_expanded_v1.json")
+        )
     elif variant == "original":
         t3 = T3()
         _shape_llama_stop(t3, repeat_token=None)
@@ -93,7 +95,8 @@ def build_checkpoint(variant: str, directory: Path, reference: Path) -> Path:
         save_file(t3.state_dict(), directory / "t3_cfg.safetensors")
         save_file(S3Gen().state_dict(), directory / "s3gen.safetensors")
         _char_tokenizer(t3.hp.text_tokens_dict_size, languages=False).save(
-            str(directory / "tokenizer.json"))
+            str(directory / "tokenizer.json")
+        )
     elif variant == "turbo":
         t3 = _turbo_t3()
         save_file(ve, directory / "ve.safetensors")
@@ -129,7 +132,7 @@ def _shape_llama_stop(t3: object, repeat_token: int | None) -> None:
     _speech_head(t3.speech_head, t3.hp.stop_speech_token, repeat_token)  # type: ignore[attr-defined]
     with torch.no_grad():
         # Positions 0..N-1 also embed the conditioning prompt's tokens: only later ones stop.
-        t3.speech_pos_emb.emb.weight[SPEECH_TOKENS + 1:, STOP_CHANNEL] = LATE  # type: ignore[attr-defined]
+        t3.speech_pos_emb.emb.weight[SPEECH_TOKENS + 1 :, STOP_CHANNEL] = LATE  # type: ignore[attr-defined]
 
 
 def _turbo_t3() -> object:
@@ -182,8 +185,12 @@ def _gpt2_tokenizer(directory: Path) -> None:
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     fast.save_pretrained(str(directory))
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"

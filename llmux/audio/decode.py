@@ -20,11 +20,11 @@ import av
 import av.error
 import numpy as np
 
-from llmux.errors import ApiError, BadRequest
+from llmux.core.errors import ApiError, BadRequest
+from runners.transcription import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
 SUPPORTED_FORMATS = ("flac", "mp3", "mp4", "mpeg", "mpga", "m4a", "ogg", "wav", "webm")
 # ffmpeg demuxer names for those formats (a demuxer matches when any of its comma-separated names
 # is listed): mov covers mp4/m4a, matroska covers webm, mp3 covers mpga, mpeg is MPEG-PS.
@@ -76,7 +76,7 @@ def decode_audio(data: bytes, *, max_seconds: float, sample_rate: int = SAMPLE_R
     pieces: list[np.ndarray] = []
     decoded = 0
     try:
-        container = av.open(io.BytesIO(data), options={"format_whitelist": _DEMUXERS})
+        container = av.open(io.BytesIO(data), mode="r", options={"format_whitelist": _DEMUXERS})
     except (av.error.FFmpegError, ValueError) as exc:
         raise _unreadable("not a supported audio format, or damaged") from exc
     with container:
@@ -95,9 +95,15 @@ def decode_audio(data: bytes, *, max_seconds: float, sample_rate: int = SAMPLE_R
         except (av.error.FFmpegError, ValueError) as exc:
             if not decoded:
                 raise _unreadable("the audio stream is damaged") from exc
-            log.warning("audio broke off after %.1f s (%s); transcribing what decoded",
-                        decoded / sample_rate, exc)
+            log.warning(
+                "audio broke off after %.1f s (%s); transcribing what decoded",
+                decoded / sample_rate,
+                exc,
+            )
     if not decoded:
-        raise BadRequest("The audio file contains no sound (zero samples decoded).",
-                         param="file", code="empty_audio")
+        raise BadRequest(
+            "The audio file contains no sound (zero samples decoded).",
+            param="file",
+            code="empty_audio",
+        )
     return np.concatenate(pieces).astype(np.float32, copy=False)

@@ -33,17 +33,46 @@ class _Target:
 
 
 _TARGETS: dict[str, _Target] = {
-    "mp3": _Target("mp3", "libmp3lame", "audio/mpeg", "s16p", frozenset({
-        8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000}), 24000),
-    "opus": _Target("ogg", "libopus", "audio/ogg", "s16",
-                    frozenset({8000, 12000, 16000, 24000, 48000}), 24000),
-    "aac": _Target("adts", "aac", "audio/aac", "fltp",
-                   frozenset({7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000,
-                              64000, 88200, 96000}), 24000),
+    "mp3": _Target(
+        "mp3",
+        "libmp3lame",
+        "audio/mpeg",
+        "s16p",
+        frozenset({8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000}),
+        24000,
+    ),
+    "opus": _Target(
+        "ogg", "libopus", "audio/ogg", "s16", frozenset({8000, 12000, 16000, 24000, 48000}), 24000
+    ),
+    "aac": _Target(
+        "adts",
+        "aac",
+        "audio/aac",
+        "fltp",
+        frozenset(
+            {
+                7350,
+                8000,
+                11025,
+                12000,
+                16000,
+                22050,
+                24000,
+                32000,
+                44100,
+                48000,
+                64000,
+                88200,
+                96000,
+            }
+        ),
+        24000,
+    ),
     "flac": _Target("flac", "flac", "audio/flac", "s16", None, 24000),
     "wav": _Target("wav", "pcm_s16le", "audio/wav", "s16", None, 24000),
-    "pcm": _Target(None, "pcm_s16le", "audio/pcm", "s16", frozenset({PCM_SAMPLE_RATE}),
-                   PCM_SAMPLE_RATE),
+    "pcm": _Target(
+        None, "pcm_s16le", "audio/pcm", "s16", frozenset({PCM_SAMPLE_RATE}), PCM_SAMPLE_RATE
+    ),
 }
 
 
@@ -88,6 +117,7 @@ def encode_audio(
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=target.container) as container:
         stream = container.add_stream(target.codec, rate=rate, layout="mono")
+        assert isinstance(stream, av.AudioStream)
         stream.codec_context.format = target.sample_format
         if target.codec == "libmp3lame":
             stream.codec_context.bit_rate = 64_000  # speech: FFmpeg's 128k default doubles bytes
@@ -106,8 +136,9 @@ def _resampled_frames(
     mono: np.ndarray, in_rate: int, out_format: str, out_rate: int, frame_size: int | None
 ) -> list[av.AudioFrame]:
     """The samples as frames in the encoder's format, rate and frame size (the last one padded)."""
-    resampler = av.AudioResampler(format=out_format, layout="mono", rate=out_rate,
-                                  frame_size=frame_size)
+    resampler = av.AudioResampler(
+        format=out_format, layout="mono", rate=out_rate, frame_size=frame_size
+    )
     frames: list[av.AudioFrame] = []
     if mono.size:
         frame = av.AudioFrame.from_ndarray(mono[np.newaxis, :], format="flt", layout="mono")

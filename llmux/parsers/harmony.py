@@ -15,7 +15,7 @@ of one kind are joined with a blank line.
 
 Two readers feed the same routing (`_Router`), so they agree by construction:
 - with a `HarmonyEncoding`, token ids are read by openai-harmony's `StreamableParser` (what the
-  spec asks for; needs the o200k vocabulary, see `llmux.parsers.harmony_encoding`);
+  spec asks for; needs the o200k vocabulary, see `llmux.core.harmony_vocab`);
 - without one, the decoded text (special tokens kept as text, i.e. decoded with
   `skip_special_tokens=False`) is read by a small state machine that follows the same rules,
   `StreamableParser`'s included: a body ends only at `<|end|>`, `<|call|>` or `<|return|>`;
@@ -136,7 +136,7 @@ class _TextState(Enum):
 class HarmonyParser(OutputParser):
     """gpt-oss output to reasoning, content and tool calls (rules in the module docstring).
 
-    Given `encoding` (from `llmux.parsers.harmony_encoding.load_gpt_oss_encoding`), `feed` reads
+    Given `encoding` (from `llmux.core.harmony_vocab.load_gpt_oss_encoding`), `feed` reads
     `token_ids` with openai-harmony and ignores `text`; it then refuses text without token ids.
     Without it, `feed` reads `text`. `thinking` and `tools` are unused: the reasoning level is a
     prompt matter, and harmony arguments are JSON already.

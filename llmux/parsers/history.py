@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmux.errors import BadRequest
+from llmux.core.errors import BadRequest
 
 
 def tool_call_arguments_as_dicts(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ before that).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 from llmux.parsers.base import (
@@ -161,3 +161,80 @@ class Qwen3Parser(OutputParser):
         out = self._content.push(text)
         if out:
             events.append(ContentDelta(out))
+
+
+class Qwen25Parser(Qwen3Parser):
+    """The `qwen2.5` family: Qwen3's `<tool_call>` JSON blocks, no reasoning, and bare calls.
+
+    Qwen2.5 never thinks, so its output is content from the first token, whatever the request's
+    thinking setting. Its small models (the Coder 0.5B of the embedded default, at temperature 0)
+    often answer a tool request with the call's JSON alone, bare or in a ```json fence, instead of
+    inside `<tool_call>`. So when the request has tools and the output starts like JSON (`{` or a
+    fence), it is held back; at the end, an output that is exactly one call (or a list of calls)
+    of a tool the request offered becomes tool calls, and anything else is released as the content
+    it was. An answer that merely contains JSON is never taken for a call.
+    """
+
+    family = "qwen2.5"
+
+    def __init__(self, *, thinking: bool = False, tools: Sequence[ToolDef] = ()) -> None:
+        super().__init__(thinking=False, tools=tools)
+        self._lead = ""  # the output while it may still be a bare call
+        self._bare: bool | None = None if self.tools else False
+
+    def feed(self, text: str, token_ids: Sequence[int] = ()) -> list[Event]:
+        if self._bare is False:
+            return super().feed(text, token_ids)
+        self._lead += text
+        if self._bare is None:
+            head = self._lead.lstrip()
+            if not head or (FENCE.startswith(head) and len(head) < len(FENCE)):
+                return []  # not decided yet
+            self._bare = head.startswith(("{", "[", FENCE))
+            if not self._bare:
+                lead, self._lead = self._lead, ""
+                return super().feed(lead)
+        return []
+
+    def finish(self) -> list[Event]:
+        if self._bare:
+            calls = bare_calls(self._lead, self.tools)
+            if calls is not None:
+                self._mark_finished()
+                events: list[Event] = []
+                for name, arguments in calls:
+                    events.append(ToolCallArgs(self._start_call(events, name), arguments))
+                return events
+        lead, self._lead = self._lead, ""
+        return [*super().feed(lead), *super().finish()] if lead else super().finish()
+
+
+FENCE = "```"
+
+
+def bare_calls(text: str, tools: Mapping[str, object]) -> list[tuple[str, str]] | None:
+    """The calls in an output that is nothing but one call object or a list of them, bare or in
+    one fenced block, each naming an offered tool; None when it is anything else."""
+    body = text.strip()
+    if body.startswith(FENCE):
+        first_line, _, rest = body.partition("\n")
+        if (
+            not body.endswith(FENCE)
+            or len(body) < 2 * len(FENCE)
+            or first_line
+            not in (
+                "```",
+                "```json",
+            )
+        ):
+            return None
+        body = rest[: -len(FENCE)].strip()
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    items = parsed if isinstance(parsed, list) else [parsed]
+    calls = [parse_json_call(json.dumps(item)) for item in items]
+    if not calls or any(call is None or call[0] not in tools for call in calls):
+        return None
+    return [call for call in calls if call is not None]

@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 from llmux.parsers.base import OutputParser, ToolDef
 from llmux.parsers.harmony import HarmonyParser
 from llmux.parsers.plain import PlainParser
-from llmux.parsers.qwen3 import Qwen3Parser
+from llmux.parsers.qwen3 import Qwen3Parser, Qwen25Parser
 from llmux.parsers.qwen35 import Qwen35Parser
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
 
 PARSERS: Mapping[str, type[OutputParser]] = {
-    cls.family: cls for cls in (PlainParser, Qwen35Parser, Qwen3Parser, HarmonyParser)
+    cls.family: cls for cls in (PlainParser, Qwen35Parser, Qwen3Parser, Qwen25Parser, HarmonyParser)
 }
 
 

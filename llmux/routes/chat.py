@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llmux.chat.session import watch_disconnect
+from llmux.services.chat import watch_disconnect
 from llmux.state import AppState
 from llmux.wire.chat import ChatCompletionRequest
 
@@ -20,8 +20,11 @@ class HeldStreamingResponse(StreamingResponse):
     """A stream that runs `on_close` however it ends: finished, failed or client gone."""
 
     def __init__(self, body: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            body,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

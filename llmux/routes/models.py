@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from llmux.errors import ModelNotFound
+from llmux.core.errors import ModelNotFound
 from llmux.state import AppState
 from llmux.wire.models import ModelCard, ModelList, model_card
 
@@ -15,7 +15,10 @@ router = APIRouter()
 async def list_models(request: Request) -> ModelList:
     state = AppState.of(request)
     return ModelList(
-        data=[model_card(state.registry, name, state.started_at) for name in state.registry.virtual_models]
+        data=[
+            model_card(state.registry, name, state.started_at)
+            for name in state.registry.virtual_models
+        ]
     )
 
 

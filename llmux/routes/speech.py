@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from llmux.speech import synthesize
+from llmux.services.speech import speak
 from llmux.state import AppState
 from llmux.voices import speech_abilities
 from llmux.wire.speech import (
@@ -24,7 +24,7 @@ DISCOVERY_PATHS = frozenset({"/v1/audio/voices", "/v1/audio/models"})
 
 @router.post("/v1/audio/speech")
 async def create_speech(body: SpeechRequest, request: Request) -> Response:
-    audio = await synthesize(AppState.of(request), body)
+    audio = await speak(AppState.of(request), body)
     return Response(audio.data, media_type=audio.content_type)
 
 
@@ -41,7 +41,10 @@ async def list_voices(request: Request, model: str | None = None) -> VoiceList:
 async def list_speech_models(request: Request) -> SpeechModelList:
     """The virtual text-to-speech models."""
     registry = AppState.of(request).registry
-    return SpeechModelList(models=[
-        SpeechModelCard(id=name) for name, virtual in registry.virtual_models.items()
-        if registry.physical_models[virtual.physical].type == "tts"
-    ])
+    return SpeechModelList(
+        models=[
+            SpeechModelCard(id=name)
+            for name, virtual in registry.virtual_models.items()
+            if registry.physical_models[virtual.physical].type == "tts"
+        ]
+    )

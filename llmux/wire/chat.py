@@ -1,16 +1,26 @@
-"""POST /v1/chat/completions: the OpenAI request and response shapes.
+"""POST /v1/chat/completions: the OpenAI request and response shapes, and the shaping of parsed
+model output into them (whole, or as server-sent events).
 
 The request validates what llmux acts on and tolerates (and logs) the rest; `n` other than 1 and
 malformed images are refused with a 400 naming the field. Converting it into a backend's
-`GenerationRequest` happens in `llmux.chat.request`.
+`GenerationRequest` happens in `llmux.services.chat_request`.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from llmux.parsers import (
+    ContentDelta,
+    Event,
+    ReasoningDelta,
+    ToolCallArgs,
+    ToolCallStart,
+    collect,
+)
 from llmux.wire.base import OpenAIBaseModel
 
 MAX_STOP_SEQUENCES = 4
@@ -137,6 +147,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
 # --- responses ----------------------------------------------------------------------------------
 
+
 class _Out(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
@@ -209,3 +220,71 @@ class ChatCompletionChunk(_Out):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+# --- Shaping: parsed output events -> OpenAI's response objects -------------------------------
+
+
+def completion_from_events(
+    completion_id: str,
+    created: int,
+    model: str,
+    events: list[Event],
+    finish_reason: FinishReason,
+    usage: Usage,
+) -> ChatCompletion:
+    """A whole answer: content, reasoning and tool calls gathered from the parser's events."""
+    parsed = collect(events)
+    calls = [
+        ToolCallOut(id=c.id, function=ToolCallFunction(name=c.name, arguments=c.arguments))
+        for c in parsed.tool_calls
+    ]
+    message = AssistantMessage(
+        content=parsed.content or (None if calls else ""),
+        reasoning_content=parsed.reasoning or None,
+        reasoning=parsed.reasoning or None,
+        tool_calls=calls or None,
+    )
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=[Choice(message=message, finish_reason=finish_reason)],
+        usage=usage,
+    )
+
+
+def delta_from_event(event: Event) -> Delta:
+    """One streamed delta per parser event; tool calls are keyed by their index."""
+    if isinstance(event, ContentDelta):
+        return Delta(content=event.text)
+    if isinstance(event, ReasoningDelta):
+        return Delta(reasoning_content=event.text, reasoning=event.text)
+    if isinstance(event, ToolCallStart):
+        return Delta(
+            tool_calls=[
+                ToolCallOut(
+                    index=event.index,
+                    id=event.id,
+                    function=(ToolCallFunction(name=event.name, arguments="")),
+                )
+            ]
+        )
+    assert isinstance(event, ToolCallArgs)
+    return Delta(
+        tool_calls=[
+            ToolCallOut(
+                index=event.index, type=None, function=ToolCallFunction(arguments=event.text)
+            )
+        ]
+    )
+
+
+def sse_event(chunk: ChatCompletionChunk | dict[str, Any]) -> str:
+    """One server-sent event; a dict is sent as it is (the error envelope)."""
+    if isinstance(chunk, dict):
+        return f"data: {json.dumps(chunk)}\n\n"
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -23,18 +23,24 @@ ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
 class TranscriptionRequest(OpenAIBaseModel):
     """The form fields OpenAI's transcription endpoint takes (unknown ones are logged)."""
 
-    file: UploadFile = Field(description="The audio: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, "
-                                         "webm (recognized by content, not by name).")
+    file: UploadFile = Field(
+        description="The audio: flac, mp3, mp4, mpeg, mpga, m4a, ogg, wav, "
+        "webm (recognized by content, not by name)."
+    )
     model: str = Field(description="A virtual speech-to-text model (GET /v1/models).")
     language: str | None = Field(
-        None, description="ISO 639-1 code (en, de, ...); default: the model's default_language, "
-        "else detected where the model can.")
+        None,
+        description="ISO 639-1 code (en, de, ...); default: the model's default_language, "
+        "else detected where the model can.",
+    )
     prompt: str | None = Field(None, description="Text that came before: names, spelling.")
     temperature: float = Field(0.0, ge=0.0, le=1.0, description="0: greedy, with fallback.")
     response_format: ResponseFormat = "json"
     timestamp_granularities: list[Literal["segment", "word"]] = Field(
-        default_factory=list, alias="timestamp_granularities[]",
-        description="Only segment timestamps are made (verbose_json).")
+        default_factory=list,
+        alias="timestamp_granularities[]",
+        description="Only segment timestamps are made (verbose_json).",
+    )
     stream: bool = Field(False, description="Streaming is not offered; true is refused.")
 
     @field_validator("language", "prompt", mode="before")
@@ -61,7 +67,8 @@ class TranscriptionRequest(OpenAIBaseModel):
     def _segments_only(cls, value: list[str]) -> list[str]:
         if "word" in value:
             raise PydanticCustomError(
-                "unsupported", "word timestamps are not offered; ask for segment timestamps")
+                "unsupported", "word timestamps are not offered; ask for segment timestamps"
+            )
         return value
 
     @field_validator("stream")
@@ -69,7 +76,8 @@ class TranscriptionRequest(OpenAIBaseModel):
     def _no_stream(cls, value: bool) -> bool:
         if value:
             raise PydanticCustomError(
-                "unsupported", "streaming transcription is not offered; leave stream false")
+                "unsupported", "streaming transcription is not offered; leave stream false"
+            )
         return value
 
 
@@ -120,9 +128,16 @@ def verbose(transcript: Transcript) -> TranscriptionVerbose:
         text=transcript.text,
         segments=[
             TranscriptionSegment(
-                id=number, seek=round(s.start * 100), start=s.start, end=s.end, text=s.text,
-                tokens=list(s.tokens), temperature=s.temperature, avg_logprob=s.avg_logprob,
-                compression_ratio=s.compression_ratio, no_speech_prob=s.no_speech_prob,
+                id=number,
+                seek=round(s.start * 100),
+                start=s.start,
+                end=s.end,
+                text=s.text,
+                tokens=list(s.tokens),
+                temperature=s.temperature,
+                avg_logprob=s.avg_logprob,
+                compression_ratio=s.compression_ratio,
+                no_speech_prob=s.no_speech_prob,
             )
             for number, s in enumerate(transcript.segments)
         ],

@@ -1,6 +1,8 @@
 """An OpenAI chat request, resolved against its virtual model, as a backend `GenerationRequest`.
 
 Decisions made here, once for every backend:
+- the output parser family (the registry's `parser`, else the one the model's id names), and with
+  it whether special tokens stay in the decoded text (harmony reads its channel markers);
 - tools reach the template only when the model supports them and `tool_choice` is not "none";
   a model without tool support ignores them (logged), it does not fail (Open WebUI sends ~36);
 - `tool_choice` "required" or a named function forces a call by constraining the output to a JSON
@@ -19,8 +21,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from llmux.config import ParserName, PhysicalModel, VirtualModel
-from llmux.errors import BadRequest
+from llmux.core.config import ParserName, PhysicalModel, VirtualModel
+from llmux.core.errors import BadRequest
 from llmux.parsers import tool_call_arguments_as_dicts
 from llmux.wire.chat import ChatCompletionRequest, ImagePart, NamedToolChoice, TextPart
 from runners.chat import GenerationRequest
@@ -42,23 +44,35 @@ class PreparedChat:
 
 
 def prepare_chat(
-    request: ChatCompletionRequest, physical_id: str, physical: PhysicalModel,
+    request: ChatCompletionRequest,
+    physical_id: str,
+    physical: PhysicalModel,
     virtual: VirtualModel,
 ) -> PreparedChat:
     parser = physical.output_parser(physical_id)
     messages, images = _messages(request, physical)
+    if virtual.system_prompt and not any(m["role"] in ("system", "developer") for m in messages):
+        messages.insert(0, {"role": "system", "content": virtual.system_prompt})
     tools, forced_schema = _tools(request, physical)
     kwargs = _template_kwargs(request, virtual)
     if forced_schema is not None and "enable_thinking" in kwargs:
         kwargs["enable_thinking"] = False
     thinking = parser in ("qwen3.5", "qwen3") and bool(kwargs.get("enable_thinking", True))
     generation = GenerationRequest(
-        messages=messages, images=images, tools=tools, template_kwargs=kwargs,
-        max_tokens=request.token_limit, temperature=request.temperature, top_p=request.top_p,
-        seed=request.seed, json_schema=forced_schema or _response_schema(request),
+        messages=messages,
+        images=images,
+        tools=tools,
+        template_kwargs=kwargs,
+        max_tokens=request.token_limit,
+        temperature=virtual.temperature if request.temperature is None else request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        json_schema=forced_schema or _response_schema(request),
+        keep_special_tokens=parser == "harmony",
     )
-    return PreparedChat(generation, parser, thinking, forced_schema is not None,
-                        request.stop_sequences)
+    return PreparedChat(
+        generation, parser, thinking, forced_schema is not None, request.stop_sequences
+    )
 
 
 def _template_kwargs(request: ChatCompletionRequest, virtual: VirtualModel) -> dict[str, Any]:
@@ -84,8 +98,9 @@ def _messages(
                 elif isinstance(part, ImagePart):
                     param = f"messages[{i}].content[{j}].image_url"
                     if not physical.supports_vision:
-                        raise BadRequest(f"The model {request.model!r} does not accept images.",
-                                         param=param)
+                        raise BadRequest(
+                            f"The model {request.model!r} does not accept images.", param=param
+                        )
                     images.append(_decode_data_uri(part.image_url.url, param))
                     parts.append({"type": "image"})
             out["content"] = parts
@@ -103,13 +118,19 @@ def _messages(
 
 def _decode_data_uri(url: str, param: str) -> bytes:
     if not url.startswith("data:"):
-        raise BadRequest("Images must be sent inline as data URIs (data:image/png;base64,...); "
-                         "this server does not fetch URLs.", param=param)
+        raise BadRequest(
+            "Images must be sent inline as data URIs (data:image/png;base64,...); "
+            "this server does not fetch URLs.",
+            param=param,
+        )
     header, _, payload = url[5:].partition(",")
     media_type, *options = header.split(";")
     if media_type not in _IMAGE_TYPES or "base64" not in options:
-        raise BadRequest(f"Unsupported image data URI {header!r}: use base64 with one of "
-                         f"{', '.join(_IMAGE_TYPES)}.", param=param)
+        raise BadRequest(
+            f"Unsupported image data URI {header!r}: use base64 with one of "
+            f"{', '.join(_IMAGE_TYPES)}.",
+            param=param,
+        )
     if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
         raise BadRequest(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MB.", param=param)
     try:
@@ -124,11 +145,15 @@ def _tools(
     if not request.tools or request.tool_choice == "none":
         return None, None
     if not physical.supports_tools:
-        log.info("model %s has no tool support: ignoring %d tools", request.model,
-                 len(request.tools))
+        log.info(
+            "model %s has no tool support: ignoring %d tools", request.model, len(request.tools)
+        )
         if request.tool_choice not in (None, "auto"):
-            raise BadRequest(f"The model {request.model!r} does not support tools, so "
-                             "tool_choice cannot require a call.", param="tool_choice")
+            raise BadRequest(
+                f"The model {request.model!r} does not support tools, so "
+                "tool_choice cannot require a call.",
+                param="tool_choice",
+            )
         return None, None
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools]
     choice = request.tool_choice
@@ -137,14 +162,22 @@ def _tools(
     if isinstance(choice, NamedToolChoice):
         allowed = [t for t in request.tools if t.function.name == choice.function.name]
         if not allowed:
-            raise BadRequest(f"tool_choice names {choice.function.name!r}, which is not in tools.",
-                             param="tool_choice")
+            raise BadRequest(
+                f"tool_choice names {choice.function.name!r}, which is not in tools.",
+                param="tool_choice",
+            )
     else:
         allowed = list(request.tools)
     calls = [
-        {"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-         "properties": {"name": {"const": t.function.name},
-                        "arguments": t.function.parameters or {"type": "object"}}}
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "arguments"],
+            "properties": {
+                "name": {"const": t.function.name},
+                "arguments": t.function.parameters or {"type": "object"},
+            },
+        }
         for t in allowed
     ]
     return tools, calls[0] if len(calls) == 1 else {"anyOf": calls}
@@ -157,11 +190,15 @@ def _response_schema(request: ChatCompletionRequest) -> dict[str, Any] | None:
     if fmt.type == "json_object":
         return {"type": "object"}
     if fmt.json_schema is None or not fmt.json_schema.schema_:
-        raise BadRequest("response_format json_schema needs json_schema.schema.",
-                         param="response_format.json_schema")
+        raise BadRequest(
+            "response_format json_schema needs json_schema.schema.",
+            param="response_format.json_schema",
+        )
     try:
         json.dumps(fmt.json_schema.schema_)
     except (TypeError, ValueError):
-        raise BadRequest("response_format.json_schema.schema is not JSON.",
-                         param="response_format.json_schema.schema") from None
+        raise BadRequest(
+            "response_format.json_schema.schema is not JSON.",
+            param="response_format.json_schema.schema",
+        ) from None
     return fmt.json_schema.schema_

@@ -23,10 +23,12 @@ class StopFilter:
             self.stopped = True
             out, self._held = self._held[:cut], ""
             return out
-        keep = max((n for s in self._stops for n in range(1, len(s))
-                    if self._held.endswith(s[:n])), default=0)
+        keep = max(
+            (n for s in self._stops for n in range(1, len(s)) if self._held.endswith(s[:n])),
+            default=0,
+        )
         out = self._held[: len(self._held) - keep]
-        self._held = self._held[len(out):]
+        self._held = self._held[len(out) :]
         return out
 
     def flush(self) -> str:

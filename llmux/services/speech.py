@@ -10,19 +10,17 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from typing import TypeVar, cast
+from typing import cast
 
 import numpy as np
 
 from llmux.audio.encode import EncodedAudio, encode_audio
-from llmux.concurrency import run_to_end
-from llmux.errors import BadRequest
+from llmux.core.concurrency import run_to_end
+from llmux.core.errors import BadRequest
 from llmux.state import AppState
 from llmux.voices import choose_voice
 from llmux.wire.speech import SpeechRequest
 from runners.speech import SpeakRunner
-
-T = TypeVar("T")
 
 PIECE_CHARS = 300  # pieces are whole sentences up to this long; longer sentences split further
 PAUSE_SECONDS = 0.15  # between pieces
@@ -56,16 +54,19 @@ def _cut(sentence: str, limit: int) -> list[str]:
                 else:
                     packed.extend(_cut(part, limit))
             return packed
-    return [sentence[i:i + limit] for i in range(0, len(sentence), limit)]
+    return [sentence[i : i + limit] for i in range(0, len(sentence), limit)]
 
 
-async def synthesize(state: AppState, body: SpeechRequest) -> EncodedAudio:
+async def speak(state: AppState, body: SpeechRequest) -> EncodedAudio:
     """The request's audio, encoded as it asks. Raises ApiError (400/404/503) for what a client
     or the server's state can fix. A client that goes away stops synthesis between pieces."""
     limit = state.settings.tts_max_input_chars
     if len(body.input) > limit:
-        raise BadRequest(f"input is {len(body.input)} characters; this server takes at most "
-                         f"{limit} (LLMUX_TTS_MAX_INPUT_CHARS).", param="input")
+        raise BadRequest(
+            f"input is {len(body.input)} characters; this server takes at most "
+            f"{limit} (LLMUX_TTS_MAX_INPUT_CHARS).",
+            param="input",
+        )
     physical_id, spec, _ = state.registry.require(body.model, "tts")
     voice, language = choose_voice(state.voices, physical_id, spec, body.voice, body.language)
     pieces = split_text(body.input)
@@ -82,8 +83,9 @@ async def synthesize(state: AppState, body: SpeechRequest) -> EncodedAudio:
                     break
                 if audio:
                     audio.append(pause)
-                audio.append(runner.speak(piece, voice=voice.reference, language=language,
-                                          speed=body.speed))
+                audio.append(
+                    runner.speak(piece, voice=voice.reference, language=language, speed=body.speed)
+                )
             return np.concatenate(audio) if audio else pause
 
         samples = await run_to_end(speak_all, stop)
@@ -91,5 +93,3 @@ async def synthesize(state: AppState, body: SpeechRequest) -> EncodedAudio:
     if samples.size == 0:  # a model that said nothing still answers with playable audio
         samples = np.zeros(int(PAUSE_SECONDS * rate), dtype=np.float32)
     return await asyncio.to_thread(encode_audio, samples, rate, body.response_format)
-
-

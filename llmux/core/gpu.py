@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 
-log = logging.getLogger("llmux.gpu")
+log = logging.getLogger("llmux.core.gpu")
 
 
 class NvmlMemoryProbe:
-    """`used_bytes()` / `total_bytes()` of one device; None for both where there is no NVIDIA GPU."""
+    """`used_bytes()` / `total_bytes()` of one device; None for both without an NVIDIA GPU."""
 
     def __init__(self, index: int = 0) -> None:
         self._index = index
@@ -30,7 +30,7 @@ class NvmlMemoryProbe:
 
                     pynvml.nvmlInit()
                     self._handle = pynvml.nvmlDeviceGetHandleByIndex(self._index)
-                except Exception as exc:  # noqa: BLE001 - any NVML failure means "no GPU"
+                except Exception as exc:
                     log.info("no NVIDIA GPU visible (%s): using the configured budget", exc)
                     self._handle = None
             return self._handle

@@ -13,13 +13,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llmux.errors import BadRequest, ModelNotFound
+from llmux.core.errors import BadRequest, ModelNotFound
 
-ModelType = Literal["llm", "asr", "tts"]
+ModelType = Literal["llm", "asr", "tts", "embedding"]
 
-# Which backends exist and which model types each one can serve. A backend is a module in `runners/`.
+# Which backends exist and which model types each one can serve. A backend is a module in
+# `runners/`.
 BACKENDS: dict[str, frozenset[str]] = {
-    "transformers": frozenset({"llm", "asr"}),
+    "transformers": frozenset({"llm", "asr", "embedding"}),
     "llamacpp": frozenset({"llm"}),
     "faster_whisper": frozenset({"asr"}),
     "chatterbox": frozenset({"tts"}),
@@ -27,28 +28,41 @@ BACKENDS: dict[str, frozenset[str]] = {
 }
 
 # Output parser families for chat models (see llmux/parsers). `None` in the file picks the default
-# for the model's name (qwen* -> qwen3.5, gpt-oss* -> harmony, anything else -> plain).
-ParserName = Literal["plain", "qwen3.5", "qwen3", "harmony"]
+# for the model's name (qwen2* -> qwen2.5, qwen* -> qwen3.5, gpt-oss* -> harmony, else plain).
+ParserName = Literal["plain", "qwen3.5", "qwen3", "qwen2.5", "harmony"]
 ReasoningEffort = Literal["low", "medium", "high"]
 
 GIB = 1024**3
-ENDPOINT_BY_TYPE = {"llm": "/v1/chat/completions", "asr": "/v1/audio/transcriptions",
-                    "tts": "/v1/audio/speech"}
-KIND_NAMES = {"llm": "chat", "asr": "speech-to-text", "tts": "text-to-speech"}
+ENDPOINT_BY_TYPE = {
+    "llm": "/v1/chat/completions",
+    "asr": "/v1/audio/transcriptions",
+    "tts": "/v1/audio/speech",
+    "embedding": "/v1/embeddings",
+}
+KIND_NAMES = {
+    "llm": "chat",
+    "asr": "speech-to-text",
+    "tts": "text-to-speech",
+    "embedding": "embedding",
+}
 
 
 class ConfigError(Exception):
     """A configuration file is unusable. The message names the file, the entry and the field."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """A config file's section: unknown keys are errors, values are read-only once loaded."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PhysicalModel(_Strict):
+class PhysicalModel(StrictModel):
     """One set of weights that llmux can load onto the GPU."""
 
-    type: ModelType = Field(description="llm (chat), asr (speech-to-text) or tts (text-to-speech).")
+    type: ModelType = Field(
+        description="llm (chat), asr (speech-to-text), tts (text-to-speech) or embedding."
+    )
     backend: str = Field(description="Runner that loads it: " + ", ".join(sorted(BACKENDS)) + ".")
     model_id: str | None = Field(
         None, description="Hugging Face repository id; the download script fetches it."
@@ -65,18 +79,17 @@ class PhysicalModel(_Strict):
         None, description="llamacpp: the multimodal projector (vision) GGUF inside the directory."
     )
     estimated_vram_gb: float = Field(
-        gt=0, description="Declared GPU footprint, used until a load on a GPU measures the real one."
+        gt=0,
+        description="Declared GPU footprint, used until a load on a GPU measures the real one.",
     )
     supports_vision: bool = Field(False, description="Accepts image_url content parts.")
     supports_tools: bool = Field(False, description="Accepts tools; otherwise tools are ignored.")
     default_language: str | None = Field(
         None, description="asr/tts: language used when a request names none (e.g. en)."
     )
-    variant: str | None = Field(
-        None, description="chatterbox: original, turbo or multilingual."
-    )
+    variant: str | None = Field(None, description="chatterbox: original, turbo or multilingual.")
     parser: ParserName | None = Field(
-        None, description="llm: output parser family (plain, qwen3.5, qwen3, harmony)."
+        None, description="llm: output parser family (plain, qwen3.5, qwen3, qwen2.5, harmony)."
     )
     context_length: int | None = Field(
         None, gt=0, description="llm: context window in tokens (llamacpp n_ctx; prompt cap)."
@@ -104,7 +117,11 @@ class PhysicalModel(_Strict):
             raise ValueError(f"backend {self.backend!r} cannot serve type {self.type!r}")
         if self.backend == "llamacpp" and not self.model_file:
             raise ValueError("a llamacpp model needs model_file (the GGUF inside its directory)")
-        if self.backend == "chatterbox" and self.variant not in ("original", "turbo", "multilingual"):
+        if self.backend == "chatterbox" and self.variant not in (
+            "original",
+            "turbo",
+            "multilingual",
+        ):
             raise ValueError("a chatterbox model needs variant: original, turbo or multilingual")
         return self
 
@@ -114,6 +131,8 @@ class PhysicalModel(_Strict):
             return self.parser
         if "gpt-oss" in physical_id:
             return "harmony"
+        if "qwen2" in physical_id:
+            return "qwen2.5"
         if "qwen" in physical_id:
             return "qwen3.5"
         return "plain"
@@ -123,8 +142,8 @@ class PhysicalModel(_Strict):
         return models_dir / (self.path or physical_id)
 
 
-class VirtualParams(_Strict):
-    """Behaviour a virtual model adds to its physical model. Switching between them costs no load."""
+class VirtualParams(StrictModel):
+    """Behaviour a virtual model adds to its physical model. Switching costs no load."""
 
     enable_thinking: bool | None = Field(
         None, description="Qwen-style templates: thinking on (True) or off (False)."
@@ -134,14 +153,22 @@ class VirtualParams(_Strict):
     )
 
 
-class VirtualModel(_Strict):
+class VirtualModel(StrictModel):
     """A name clients see, mapping to one physical model plus behaviour."""
 
     physical: str = Field(description="Id of a physical model in this file.")
     params: VirtualParams = Field(default_factory=VirtualParams)
+    system_prompt: str | None = Field(
+        None,
+        description="llm: a system message put before the conversation when the client sends "
+        "none (a client's own system message wins).",
+    )
+    temperature: float | None = Field(
+        None, ge=0, le=2, description="llm: the sampling temperature when the client sets none."
+    )
 
 
-class Registry(_Strict):
+class Registry(StrictModel):
     """The whole models.yaml."""
 
     gpu_budget_gb: float | None = Field(
@@ -170,8 +197,11 @@ class Registry(_Strict):
             raise ModelNotFound(virtual_name)
         if resolved[1].type != model_type:
             kind = resolved[1].type
-            raise BadRequest(f"{virtual_name!r} is a {kind} model ({KIND_NAMES[kind]}): use "
-                             f"{ENDPOINT_BY_TYPE[kind]}.", param="model")
+            raise BadRequest(
+                f"{virtual_name!r} is a {kind} model ({KIND_NAMES[kind]}): use "
+                f"{ENDPOINT_BY_TYPE[kind]}.",
+                param="model",
+            )
         return resolved
 
     def resolve(self, virtual_name: str) -> tuple[str, PhysicalModel, VirtualModel] | None:
@@ -208,7 +238,7 @@ def read_yaml(path: Path) -> Any:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
