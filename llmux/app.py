@@ -28,7 +28,7 @@ from llmux.middleware import (
     RequestContextMiddleware,
     error_response,
 )
-from llmux.routes import chat, health, models, speech, transcriptions
+from llmux.routes import chat, embeddings, health, models, speech, transcriptions
 from llmux.services.chat import ChatService
 from llmux.settings import Settings
 from llmux.state import AppState
@@ -103,6 +103,7 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(transcriptions.router)
     app.include_router(speech.router)
+    app.include_router(embeddings.router)
     _install_fallback_routes(app)
 
     # Added innermost first: CORS answers preflights before auth; the request id wraps everything.

@@ -36,6 +36,6 @@ It is reused on every later start. Try it:
 
   from openai import OpenAI
   client = OpenAI(base_url="{base}/v1", api_key="{key}")
-  print(client.chat.completions.create(model="Gemma-3-270M",
+  print(client.chat.completions.create(model="Qwen2.5-Coder-0.5B",
         messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
 """

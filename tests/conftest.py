@@ -56,6 +56,20 @@ MODELS_DIR = Path(os.environ.get("LLMUX_MODELS_DIR") or Path.home() / ".local/sh
 GEMMA = MODELS_DIR / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
 
 
+def real_models(*paths: Path) -> list[pytest.MarkDecorator]:
+    """Marks for a module that runs the real models `make setup` lays out: slow, and skipped
+    (saying so) where they are missing, except in CI (`CI` set), where setup lays them out and a
+    missing one must fail rather than quietly skip."""
+    missing = [str(p) for p in paths if not p.exists()]
+    return [
+        pytest.mark.slow,
+        pytest.mark.skipif(
+            bool(missing) and not os.environ.get("CI"),
+            reason=f"run `make setup`: {', '.join(missing)} missing",
+        ),
+    ]
+
+
 def write_config(config_dir: Path, models_yaml: str) -> Path:
     """A config dir with `models_yaml`, the gemma3 template and the test key."""
     config_dir.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from tests.conftest import GEMMA, TEST_KEY, gemma_entry, write_config
+from tests.conftest import GEMMA, TEST_KEY, gemma_entry, real_models, write_config
 
-pytestmark = pytest.mark.skipif(not GEMMA.is_file(), reason=f"run `make setup`: {GEMMA} missing")
+pytestmark = real_models(GEMMA)
 
 MODEL = "Gemma"
 REGISTRY = """

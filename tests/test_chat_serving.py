@@ -12,9 +12,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GEMMA, TEST_KEY, LiveServer, gemma_entry, write_config
+from tests.conftest import GEMMA, TEST_KEY, LiveServer, gemma_entry, real_models, write_config
 
-pytestmark = pytest.mark.skipif(not GEMMA.is_file(), reason=f"run `make setup`: {GEMMA} missing")
+pytestmark = real_models(GEMMA)
 AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 # The same small GGUF under declared footprints that mirror production (docs/residency.md).

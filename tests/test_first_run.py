@@ -45,12 +45,14 @@ def test_an_explicit_config_dir_never_gets_a_key(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_bentoml_serve_of_the_embedded_default_passes_the_smoke_command(tmp_path: Path) -> None:
     env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}
-    models_dir = Path(os.environ.get("LLMUX_MODELS_DIR") or
-                      Path.home() / ".local/share/llmux/models")
+    models_dir = Path(
+        os.environ.get("LLMUX_MODELS_DIR") or Path.home() / ".local/share/llmux/models"
+    )
     saved = os.environ.pop("LLMUX_CONFIG_DIR", None)
     try:
-        proc, base, log = start_server(REPO / "config" / "local", tmp_path, env,
-                                       embedded=True, models_dir=models_dir)
+        proc, base, log = start_server(
+            REPO / "config" / "local", tmp_path, env, embedded=True, models_dir=models_dir
+        )
     finally:
         if saved is not None:
             os.environ["LLMUX_CONFIG_DIR"] = saved
@@ -62,12 +64,23 @@ def test_bentoml_serve_of_the_embedded_default_passes_the_smoke_command(tmp_path
         assert httpx.get(f"{base}/v1/models").status_code == 401
         smoke = subprocess.run(
             [sys.executable, "scripts/smoke.py", "--url", base, "--key", key, "--max-wer", "0.1"],
-            cwd=REPO, capture_output=True, text=True, timeout=600,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert smoke.returncode == 0, smoke.stdout + smoke.stderr
         assert "round-trip word error rate" in smoke.stdout
         health = httpx.get(f"{base}/health").json()
-        assert set(health["loaded_models"]) == {"gemma3-270m", "whisper-base", "piper-joe"}
+        # The smoke ends on the main chat model after swapping to Gemma and back.
+        assert set(health["loaded_models"]) == {
+            "qwen2.5-coder-0.5b",
+            "whisper-base",
+            "piper-joe",
+            "minilm-l6-v2",
+        }
+        for line in ("Paris", "get_weather(", "cosine(paraphrase)", "after Gemma-3-270M"):
+            assert line in smoke.stdout, smoke.stdout
         metrics = httpx.get(f"{base}/metrics").text
         assert 'llmux_model_loads_total{model="gemma3-270m",outcome="ok"} 1.0' in metrics
         assert "llmux_model_load_seconds_bucket" in metrics

@@ -15,14 +15,19 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GEMMA, MODELS_DIR, TEST_KEY, LiveServer, gemma_entry, write_config
+from tests.conftest import (
+    GEMMA,
+    MODELS_DIR,
+    TEST_KEY,
+    LiveServer,
+    gemma_entry,
+    real_models,
+    write_config,
+)
 
 WHISPER = MODELS_DIR / "whisper-base"
 PIPER = MODELS_DIR / "piper-joe"
-pytestmark = pytest.mark.skipif(
-    not (GEMMA.is_file() and (WHISPER / "model.bin").is_file() and PIPER.is_dir()),
-    reason="run `make setup`: the embedded models are not laid out",
-)
+pytestmark = real_models(GEMMA, WHISPER / "model.bin", PIPER)
 
 REGISTRY = f"""
 gpu_budget_gb: 16

@@ -9,13 +9,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from llmux.wer import word_error_rate
-from tests.conftest import MODELS_DIR, TEST_KEY, write_config
+from tests.conftest import MODELS_DIR, TEST_KEY, real_models, write_config
 
 WHISPER, PIPER = MODELS_DIR / "whisper-base", MODELS_DIR / "piper-joe"
-pytestmark = pytest.mark.skipif(
-    not ((WHISPER / "model.bin").is_file() and PIPER.is_dir()),
-    reason="run `make setup`: the embedded models are not laid out",
-)
+pytestmark = real_models(WHISPER / "model.bin", PIPER)
 SENTENCES = [
     "The weather today is sunny and warm with a light breeze from the west.",
     "Please send the quarterly report to the finance team before Friday.",

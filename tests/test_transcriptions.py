@@ -31,11 +31,9 @@ from tests.audio_fixtures import (
     make_clips,
     silence,
 )
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, real_models
 
-pytestmark = pytest.mark.skipif(
-    not (WHISPER_BASE / "model.bin").is_file(), reason=f"run `make setup`: {WHISPER_BASE} missing"
-)
+pytestmark = real_models(WHISPER_BASE / "model.bin")
 
 MAX_AUDIO_BYTES = 1_000_000
 MAX_AUDIO_SECONDS = 60.0

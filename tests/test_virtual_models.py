@@ -14,9 +14,9 @@ from llmux.core.config import Registry, load_registry
 from llmux.services.chat_request import prepare_chat
 from llmux.wire.chat import ChatCompletionRequest
 from runners.llamacpp import LlamaCppChatRunner
-from tests.conftest import GEMMA, REPO
+from tests.conftest import GEMMA, REPO, real_models
 
-pytestmark = pytest.mark.skipif(not GEMMA.is_file(), reason=f"run `make setup`: {GEMMA} missing")
+pytestmark = real_models(GEMMA)
 
 QWEN_LIKE = """{%- for m in messages %}<|im_start|>{{ m.role }}
 {{ m.content }}<|im_end|>

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from llmux.config import ModelType, Registry
+from llmux.core.config import ModelType, Registry
 
 
 class ModelCapabilities(BaseModel):
@@ -15,6 +15,7 @@ class ModelCapabilities(BaseModel):
     tools: bool
     transcription: bool
     speech: bool
+    embeddings: bool
 
 
 class ModelCard(BaseModel):
@@ -46,5 +47,6 @@ def model_card(registry: Registry, name: str, created: int) -> ModelCard:
             tools=physical.type == "llm" and physical.supports_tools,
             transcription=physical.type == "asr",
             speech=physical.type == "tts",
+            embeddings=physical.type == "embedding",
         ),
     )
