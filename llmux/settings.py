@@ -55,6 +55,9 @@ class Settings:
     tts_max_input_chars: int = 4096
     # Serve GET /v1/audio/voices and /v1/audio/models without a key (Open WebUI asks without one).
     open_audio_discovery: bool = False
+    # A streaming client that reads nothing for this long is disconnected (its model was let go
+    # of when its generation ended; this frees the connection).
+    stream_stall_s: float = 30.0
 
     @property
     def models_file(self) -> Path:
@@ -91,4 +94,5 @@ class Settings:
             else defaults.cors_origins,
             tts_max_input_chars=int(_env_float(env, "LLMUX_TTS_MAX_INPUT_CHARS", 4096)),
             open_audio_discovery=_env_bool(env, "LLMUX_OPEN_AUDIO_DISCOVERY"),
+            stream_stall_s=_env_float(env, "LLMUX_STREAM_STALL_S", 30),
         )

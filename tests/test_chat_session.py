@@ -153,9 +153,8 @@ async def complete(w: World, body: ChatCompletionRequest) -> ChatCompletion:
 async def stream(w: World, body: ChatCompletionRequest) -> list[Any]:
     session = await w.chat.start(body)
     try:
-        return [
-            line.removeprefix("data: ").strip() for line in [piece async for piece in session.sse()]
-        ]
+        pieces = [piece async for piece in session.stream()]
+        return [line.removeprefix("data: ").strip() for line in pieces]
     finally:
         await session.close()
 
@@ -285,7 +284,7 @@ async def test_a_client_that_goes_away_cancels_the_generation_and_frees_the_mode
     session = await world.chat.start(request(stream=True))
 
     async def read() -> None:
-        async for _ in session.sse():
+        async for _ in session.stream():
             pass
 
     reader = asyncio.create_task(read())
@@ -293,12 +292,14 @@ async def test_a_client_that_goes_away_cancels_the_generation_and_frees_the_mode
     while not runner.requests:
         await asyncio.sleep(0.01)
     assert world.in_flight() == 1
-    reader.cancel()  # the framework cancels the body when the client disconnects
-    while not session.cancel.is_set():
-        await asyncio.sleep(0.01)
-    runner.step.release(200)
+    reader.cancel()  # the framework cancels the body at its send when the client disconnects
     with pytest.raises(asyncio.CancelledError):
         await reader
-    await asyncio.wait_for(session.close(), 10)
+    closing = asyncio.create_task(session.close())  # what the response does however it ends
+    while not session.cancel.is_set():
+        await asyncio.sleep(0.01)
+    assert world.in_flight() == 1  # held until the worker thread has stopped
+    runner.step.release(200)
+    await asyncio.wait_for(closing, 10)
     assert runner.cancelled.is_set() and runner.ended.is_set()
     assert world.in_flight() == 0

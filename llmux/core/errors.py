@@ -87,3 +87,15 @@ class ModelUnavailable(ApiError):
 
     status = 503
     code = "model_unavailable"
+
+
+class InternalError(ApiError):
+    """An unexpected failure, told to the client without internals (the log has the details)."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(
+        self, message: str = "Internal server error; the server log has the details."
+    ) -> None:
+        super().__init__(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from llmux.disconnects import unless_disconnected
 from llmux.services.speech import speak
 from llmux.state import AppState
 from llmux.voices import speech_abilities
@@ -24,7 +25,7 @@ DISCOVERY_PATHS = frozenset({"/v1/audio/voices", "/v1/audio/models"})
 
 @router.post("/v1/audio/speech")
 async def create_speech(body: SpeechRequest, request: Request) -> Response:
-    audio = await speak(AppState.of(request), body)
+    audio = await unless_disconnected(request.receive, speak(AppState.of(request), body))
     return Response(audio.data, media_type=audio.content_type)
 
 

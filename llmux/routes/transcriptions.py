@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from starlette.responses import Response
 
+from llmux.disconnects import unless_disconnected
 from llmux.services.transcription import transcribe
 from llmux.state import AppState
 from llmux.wire.transcriptions import TranscriptionRequest, render_transcript
@@ -18,5 +19,5 @@ router = APIRouter()
 async def create_transcription(
     form: Annotated[TranscriptionRequest, Form()], request: Request
 ) -> Response:
-    transcript = await transcribe(AppState.of(request), form)
+    transcript = await unless_disconnected(request.receive, transcribe(AppState.of(request), form))
     return render_transcript(transcript, form.response_format)
