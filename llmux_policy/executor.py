@@ -333,8 +333,8 @@ class Residency:
                     return None
                 plan = self._plan(swap.physical_id)
                 match plan:
-                    case Refuse(reason=reason):
-                        raise ModelUnavailable(reason, code="model_exceeds_budget")
+                    case Refuse(reason=reason, code=code):
+                        raise ModelUnavailable(reason, code=code)
                     case Wait(evictions=evictions):
                         marked = self._mark_evicting({e.physical_id for e in evictions}, marked)
                         await self._changed.wait()

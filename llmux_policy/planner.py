@@ -16,7 +16,10 @@ The rules, in the order they are applied:
    and embedding models; those have the highest priority), least recently used first within a
    type, taken until the request fits (reason `make_room`). The victims are always a prefix of
    that order, so a higher-priority model is never taken while a lower-priority one could be
-   taken instead.
+   taken instead. A load never takes a model of higher priority than its own (a TTS load never
+   evicts ASR), with one exception the requirement names itself: an LLM may take TTS and ASR
+   (a 13 GB LLM over ASR + TTS + 4B evicts all three). When the models a load may take are not
+   enough, the plan is `Refuse`, naming what is resident.
 6. A busy model (requests in flight, or not `ready`) is never a victim. If the evictions of steps 3
    and 5 include busy models, the plan is `Wait`: it names the busy ones (`waiting_for`) and the
    evictions it will make once they are idle. The planner never picks a higher-priority idle model
@@ -26,7 +29,7 @@ The rules, in the order they are applied:
 
 Evictions are listed in the order they should run: replacements first, then victims in eviction
 order. Once step 2 has passed, evicting everything else always makes room, so the only refusal is
-a model that exceeds the budget on its own.
+a model that exceeds the budget on its own, or one that would need a higher-priority model gone.
 """
 
 from __future__ import annotations
@@ -115,13 +118,22 @@ class Wait:
 
 @dataclass(frozen=True)
 class Refuse:
-    """The request can never be served under this budget; `reason` is a user-facing sentence."""
+    """The request cannot be served now; `reason` is a user-facing sentence. `code` says why:
+    `model_exceeds_budget` (never, under this budget) or `model_does_not_fit` (not beside the
+    higher-priority models resident now)."""
 
     physical_id: str
     reason: str
+    code: str = "model_exceeds_budget"
 
 
 Plan = AlreadyResident | Load | Wait | Refuse
+
+
+def may_evict(request_type: ModelType, victim_type: ModelType) -> bool:
+    """Whether a load of `request_type` may take a `victim_type` model to make room: never one of
+    higher priority, except that an LLM may take anything (the requirement's own example)."""
+    return request_type == "llm" or EVICTION_ORDER[victim_type] <= EVICTION_ORDER[request_type]
 
 
 def eviction_key(resident: Resident) -> tuple[int, bool, float]:
@@ -158,9 +170,25 @@ def plan_residency(resident: Sequence[Resident], request: Request, budget_bytes:
     for victim in sorted(staying, key=eviction_key):
         if used + request.footprint_bytes <= budget_bytes:
             break
+        if not may_evict(request.type, victim.type):
+            break  # the order is by priority: every later victim outranks the request too
         evictions.append(Eviction(victim.physical_id, "make_room"))
         evicted.append(victim)
         used -= victim.footprint_bytes
+    if used + request.footprint_bytes > budget_bytes:
+        kept = ", ".join(
+            f"{m.physical_id} ({m.type}, {_gib(m.footprint_bytes)})"
+            for m in staying
+            if m not in evicted
+        )
+        return Refuse(
+            request.physical_id,
+            f"Model {request.physical_id!r} ({request.type}, {_gib(request.footprint_bytes)}) "
+            f"does not fit beside the higher-priority models resident ({kept}; budget "
+            f"{_gib(budget_bytes)}), and a {request.type} load never evicts those. Free GPU "
+            f"memory by using a smaller model, or raise gpu_budget_gb.",
+            code="model_does_not_fit",
+        )
 
     busy = tuple(model.physical_id for model in evicted if model.busy)
     if busy:

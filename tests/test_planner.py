@@ -32,6 +32,8 @@ MODELS: dict[str, tuple[ModelType, float]] = {
     "tts": ("tts", 2),  # chatterbox-turbo
     "tts-multi": ("tts", 2),  # chatterbox-multilingual
     "tts-big": ("tts", 5),
+    "tts-large": ("tts", 9),
+    "tts-huge": ("tts", 13),
     "qwen-4b": ("llm", 4),
     "qwen-9b": ("llm", 9),
     "gpt-oss-20b": ("llm", 13),
@@ -231,6 +233,26 @@ def test_spec_sequence_asr_tts_llm_switches() -> None:
         assert set(state) == after, wanted
 
 
+def test_a_tts_load_that_would_need_asr_gone_is_refused_naming_what_is_resident() -> None:
+    """SPEC's decision on VRAM-002: a TTS load never evicts ASR, even when evicting the LLM is not
+    enough; it is refused instead, with a message that says what is resident."""
+    resident = [res("asr", last_used=1), res("qwen-4b", last_used=2)]
+    plan = plan_residency(resident, req("tts-huge"), BUDGET)
+    assert isinstance(plan, Refuse) and plan.code == "model_does_not_fit"
+    assert "asr (asr, 4.0 GiB)" in plan.reason and "tts" in plan.reason
+    # Evicting the LLM is enough for a smaller voice: that is still done.
+    assert plan_residency(resident, req("tts-large"), BUDGET) == Load(
+        "tts-large", (Eviction("qwen-4b", "make_room"),)
+    )
+    # An LLM may still take ASR and TTS (the requirement's own gpt-oss example).
+    plan = plan_residency([*resident, res("tts", last_used=3)], req("gpt-oss-20b"), BUDGET)
+    assert isinstance(plan, Load) and {e.physical_id for e in plan.evictions} == {
+        "qwen-4b",
+        "tts",
+        "asr",
+    }
+
+
 def test_duplicate_resident_is_a_caller_bug() -> None:
     with pytest.raises(ValueError, match="twice"):
         plan_residency([res("asr"), res("asr")], req("tts"), BUDGET)
@@ -238,13 +260,15 @@ def test_duplicate_resident_is_a_caller_bug() -> None:
 
 # --- properties over random catalogues and request sequences -----------------------------------
 
-RANK: dict[str, int] = {"llm": 0, "tts": 1, "asr": 2}  # eviction order; ASR has the top priority
+# Priority, from the requirement: ASR (and embedding models, which rank with it) first, then TTS,
+# then LLMs. A higher number is a higher priority, so the eviction order is ascending.
+RANK: dict[str, int] = {"llm": 0, "tts": 1, "asr": 2, "embedding": 2}
 
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> tuple[list[Request], int, list[tuple[int, list[int], int]]]:
     """A catalogue of models, a budget, and steps: (model asked for, in-flight counts, its own)."""
-    types = st.sampled_from(["llm", "tts", "asr"])
+    types = st.sampled_from(["llm", "tts", "asr", "embedding"])
     catalogue = [
         Request(f"m{i}", draw(types), draw(st.integers(1, 20)))
         for i in range(draw(st.integers(2, 8)))
@@ -265,7 +289,14 @@ def check_plan(resident: list[Resident], request: Request, budget: int, plan: Pl
         return
     assert request.physical_id not in by_id
     if isinstance(plan, Refuse):
-        assert request.footprint_bytes > budget
+        if plan.code == "model_exceeds_budget":
+            assert request.footprint_bytes > budget
+        else:
+            # Refused only because room would need a model of higher priority than the request's,
+            # which a lower-priority load never takes (an LLM load may take anything).
+            assert plan.code == "model_does_not_fit" and request.type != "llm"
+            outranking = [m for m in resident if RANK[m.type] > RANK[request.type]]
+            assert sum(m.footprint_bytes for m in outranking) + request.footprint_bytes > budget
         return
     assert request.footprint_bytes <= budget
     evicted_ids = [eviction.physical_id for eviction in plan.evictions]
@@ -284,6 +315,11 @@ def check_plan(resident: list[Resident], request: Request, budget: int, plan: Pl
     assert kept_bytes + request.footprint_bytes <= budget
     if victims:
         assert kept_bytes + victims[-1].footprint_bytes + request.footprint_bytes > budget
+
+    # "Never evict a higher-priority model to load a lower-priority one", the one exception being
+    # the requirement's own example: an LLM may evict TTS and ASR.
+    if request.type != "llm":
+        assert all(RANK[m.type] <= RANK[request.type] for m in evicted), (request, evicted)
 
     # Priority: no victim ranks above anything kept; within a type, idle LRU before the rest.
     for victim in victims:
