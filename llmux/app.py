@@ -34,7 +34,7 @@ from llmux.settings import Settings
 from llmux.state import AppState
 from llmux.voices import load_voices
 from llmux_policy.executor import Residency
-from llmux_policy.memory import MemoryProbe, default_budget_bytes
+from llmux_policy.memory import GIB, MemoryProbe, default_budget_bytes
 from llmux_policy.metrics import ResidencyMetricsSink
 from runners.base import Runner
 from runners.factory import make_runner
@@ -64,7 +64,9 @@ def build_state(
             create_keys_hint(settings.api_keys_file),
         )
     probe = probe if probe is not None else NvmlMemoryProbe()
-    budget = default_budget_bytes(registry.gpu_budget_gb, probe.total_bytes())
+    budget = default_budget_bytes(
+        registry.gpu_budget_gb, probe.total_bytes(), int(registry.gpu_margin_gb * GIB)
+    )
 
     def runner_for(physical_id: str) -> Runner:
         return make_runner(physical_id, registry.physical_models[physical_id], settings.models_dir)

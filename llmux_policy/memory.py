@@ -19,14 +19,21 @@ GPU_SAFETY_MARGIN_BYTES = 1 * GIB
 NO_GPU_BUDGET_BYTES = 16 * GIB
 
 
-def default_budget_bytes(configured_gb: float | None, gpu_total_bytes: int | None) -> int:
-    """The budget: `gpu_budget_gb` when configured; else the GPU's total memory less
-    `GPU_SAFETY_MARGIN_BYTES`; else (no GPU) `NO_GPU_BUDGET_BYTES`."""
-    if configured_gb is not None:
-        return int(configured_gb * GIB)
-    if gpu_total_bytes is not None:
-        return max(0, gpu_total_bytes - GPU_SAFETY_MARGIN_BYTES)
-    return NO_GPU_BUDGET_BYTES
+def default_budget_bytes(
+    configured_gb: float | None,
+    gpu_total_bytes: int | None,
+    margin_bytes: int = GPU_SAFETY_MARGIN_BYTES,
+) -> int:
+    """The budget. With a GPU: the device's total memory less `margin_bytes`, or `gpu_budget_gb`
+    when that is smaller (a configured 16 GB on a card that reports 15.99 GiB must not plan past
+    the card). Without one: `gpu_budget_gb`, else `NO_GPU_BUDGET_BYTES`."""
+    device = None if gpu_total_bytes is None else max(0, gpu_total_bytes - margin_bytes)
+    configured = None if configured_gb is None else int(configured_gb * GIB)
+    if device is not None and configured is not None:
+        return min(device, configured)
+    if device is not None:
+        return device
+    return configured if configured is not None else NO_GPU_BUDGET_BYTES
 
 
 class MemoryProbe(Protocol):

@@ -710,10 +710,17 @@ async def test_without_a_gpu_the_declared_footprint_is_used(stage: Stage) -> Non
         (12.5, 80 * GIB, int(12.5 * GIB)),
         (None, 24 * GIB, 24 * GIB - GPU_SAFETY_MARGIN_BYTES),
         (None, None, NO_GPU_BUDGET_BYTES),
+        # A configured 16 GB on a card that reports 15.99 GiB: the card, less the margin, wins.
+        (16, int(15.99 * GIB), int(15.99 * GIB) - GPU_SAFETY_MARGIN_BYTES),
     ],
 )
 def test_default_budget(configured_gb: float | None, gpu_total: int | None, expected: int) -> None:
     assert default_budget_bytes(configured_gb, gpu_total) == expected
+
+
+def test_the_margin_is_configurable() -> None:
+    assert default_budget_bytes(None, 16 * GIB, margin_bytes=2 * GIB) == 14 * GIB
+    assert default_budget_bytes(15, 16 * GIB, margin_bytes=0) == 15 * GIB
 
 
 # --- shutdown -----------------------------------------------------------------------------------

@@ -172,7 +172,16 @@ class Registry(StrictModel):
     """The whole models.yaml."""
 
     gpu_budget_gb: float | None = Field(
-        None, gt=0, description="GPU memory llmux may fill; default: the GPU's, less a margin."
+        None,
+        gt=0,
+        description="GPU memory llmux may fill; with a GPU, never more than the GPU's total less "
+        "gpu_margin_gb. Default: the GPU's total less the margin (16 without a GPU).",
+    )
+    gpu_margin_gb: float = Field(
+        1.0,
+        ge=0,
+        description="GPU memory kept free beside the models: the CUDA context, library "
+        "workspaces and allocator fragmentation, which measured footprints do not cover.",
     )
     physical_models: dict[str, PhysicalModel]
     virtual_models: dict[str, VirtualModel]
