@@ -24,6 +24,9 @@ Contracts:
   while its model loads leaves the load running, and the model stays resident when it is done
   (the evictions are already paid for, and the next request may want it). A swap nobody waits for
   any more is dropped before it evicts anything.
+- Before anything is evicted for a model, its runner is made and `preflight()`ed (weights present
+  and sane, backend installed): a load that cannot succeed costs the resident models nothing.
+  Between evictions the swap checks again that someone still waits for it.
 - A failed load leaves nothing registered: every request waiting for it gets the same error (the
   runner's `ModelLoadError`, or any other exception wrapped in one) and the next request retries.
   After a failed or cancelled load the runner's `unload()` is called once, best effort, so it can
@@ -325,6 +328,7 @@ class Residency:
 
         Returns the ready entry, or None when every request gave up before anything was evicted.
         """
+        runner = await self._prepare(swap.physical_id)
         marked: set[str] = set()
         try:
             while True:
@@ -341,8 +345,11 @@ class Residency:
                     case Load(evictions=evictions):
                         marked = self._mark_evicting({e.physical_id for e in evictions}, marked)
                         for eviction in evictions:
+                            if not swap.tickets:  # everyone gave up: evict nothing more
+                                self._drop_swap(swap)
+                                return None
                             await self._evict(self._entries[eviction.physical_id], eviction.reason)
-                        return await self._load(swap.physical_id)
+                        return await self._load(swap.physical_id, runner)
                     case AlreadyResident():  # only this swap registers its model
                         raise RuntimeError(f"{swap.physical_id!r} resident while its swap runs")
         finally:
@@ -411,21 +418,32 @@ class Residency:
             self._device_changes += 1
             self._metrics.evicted(entry.physical_id, reason)
 
-    async def _load(self, physical_id: str) -> _Entry:
+    async def _prepare(self, physical_id: str) -> Runner:
+        """Make the model's runner and check, before anything is evicted for it, that it can
+        load at all (`Runner.preflight`: weights present and sane, backend installed). A model
+        whose load cannot succeed is refused here, at no cost to the resident ones."""
+
+        def make_and_check() -> Runner:
+            # On a thread: making a runner imports its backend's module the first time.
+            runner = self._runner_factory(physical_id)
+            runner.preflight()
+            return runner
+
+        try:
+            return await run_to_end(make_and_check)
+        except Exception as exc:
+            self._metrics.load_finished(physical_id, "error", 0.0)
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise _load_failed(physical_id, exc) from exc
+
+    async def _load(self, physical_id: str, runner: Runner) -> _Entry:
         """Load one model into the room made for it. Blocks for the whole load.
 
         Returns the ready entry with no request counted in yet. On failure or cancellation nothing
         of it stays registered and the runner has been asked to give back what it took.
         """
         started = time.monotonic()
-        try:
-            # On a thread too: making a runner imports its backend's module the first time.
-            runner = await run_to_end(partial(self._runner_factory, physical_id))
-        except Exception as exc:
-            self._metrics.load_finished(physical_id, "error", time.monotonic() - started)
-            if isinstance(exc, ModelLoadError):
-                raise
-            raise _load_failed(physical_id, exc) from exc
         entry = _Entry(physical_id, self._registry.physical_models[physical_id], runner)
         self._entries[physical_id] = entry
         self._metrics.resident_bytes(physical_id, self._footprint(physical_id))

@@ -7,6 +7,7 @@ runner through `Residency.use(...)`, which keeps it resident while they run.
 from __future__ import annotations
 
 import gc
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +23,12 @@ class Runner(Protocol):
     """
 
     physical_id: str
+
+    def preflight(self) -> None:
+        """Cheap checks made before anything is evicted for this model: its weights are there and
+        look sane (files present, not empty, the right format) and its backend is installed.
+        Raises `ModelLoadError` (`WeightsMissing` for files) saying what to do. Reads no weights
+        and touches no device, so a load that cannot succeed costs the resident models nothing."""
 
     def load(self) -> None:
         """Put the weights on the device. Raises `ModelLoadError` with a message a user can use."""
@@ -92,3 +99,33 @@ def free_device_memory(on_cuda: bool) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def require_files(physical_id: str, *paths: Path) -> None:
+    """Each path is a file with something in it; else `WeightsMissing` naming the first that is
+    not (an empty file is what an interrupted download or a failed copy leaves)."""
+    for path in paths:
+        if not path.is_file() or path.stat().st_size == 0:
+            raise WeightsMissing(physical_id, path)
+
+
+def require_gguf(physical_id: str, path: Path) -> None:
+    """`path` is a GGUF file: present, and starting with the format's magic bytes."""
+    require_files(physical_id, path)
+    with path.open("rb") as file:
+        magic = file.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (it starts with {magic!r}); model {physical_id!r} needs "
+            "the GGUF its `model_file` names. Download it again with scripts/download_models.sh."
+        )
+
+
+def require_backend(physical_id: str, *modules: str) -> None:
+    """The backend's packages are installed (found, not imported: that happens at load)."""
+    for module in modules:
+        if find_spec(module) is None:
+            raise ModelLoadError(
+                f"Model {physical_id!r} needs the Python package {module!r}, which is not "
+                "installed; run `make setup` (or scripts/setup.sh)."
+            )

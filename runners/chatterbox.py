@@ -25,7 +25,13 @@ import numpy as np
 
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import ApiError, BadRequest
-from runners.base import ModelLoadError, NotLoaded, WeightsMissing, free_device_memory
+from runners.base import (
+    ModelLoadError,
+    NotLoaded,
+    free_device_memory,
+    require_backend,
+    require_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +94,14 @@ class ChatterboxRunner:
         self._lock = threading.Lock()
         self._on_cuda = False
 
+    def preflight(self) -> None:
+        require_backend(self.physical_id, "torch", "chatterbox")
+        require_files(
+            self.physical_id, *(self.weights / name for name in REQUIRED_FILES[self.variant])
+        )
+
     def load(self) -> None:
-        for name in REQUIRED_FILES[self.variant]:
-            if not (self.weights / name).is_file():
-                raise WeightsMissing(self.physical_id, self.weights / name)
+        self.preflight()
         _require_watermarker()
         import torch
 

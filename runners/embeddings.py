@@ -23,7 +23,14 @@ import numpy as np
 
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import BadRequest
-from runners.base import ModelLoadError, NotLoaded, Runner, WeightsMissing, free_device_memory
+from runners.base import (
+    ModelLoadError,
+    NotLoaded,
+    Runner,
+    free_device_memory,
+    require_backend,
+    require_files,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -164,9 +171,12 @@ class TransformersEmbeddingRunner:
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
 
+    def preflight(self) -> None:
+        require_backend(self.physical_id, "torch", "transformers")
+        require_files(self.physical_id, self.weights / "config.json")
+
     def load(self) -> None:
-        if not (self.weights / "config.json").is_file():
-            raise WeightsMissing(self.physical_id, self.weights)
+        self.preflight()
         layout = read_sentence_layout(self.physical_id, self.weights)  # refuse before the weights
         import torch  # heavy; only when the model loads
         from safetensors import SafetensorError

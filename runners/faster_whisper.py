@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmux.core.config import PhysicalModel
-from runners.base import ModelLoadError, NotLoaded, WeightsMissing, free_device_memory
+from runners.base import (
+    ModelLoadError,
+    NotLoaded,
+    free_device_memory,
+    require_backend,
+    require_files,
+)
 from runners.transcription import (
     FALLBACK_TEMPERATURES,
     SAMPLE_RATE,
@@ -44,9 +50,12 @@ class FasterWhisperRunner:
         self._model: WhisperModel | None = None
         self._languages: frozenset[str] = frozenset()
 
+    def preflight(self) -> None:
+        require_backend(self.physical_id, "faster_whisper", "ctranslate2")
+        require_files(self.physical_id, self.weights / "model.bin")
+
     def load(self) -> None:
-        if not (self.weights / "model.bin").is_file():
-            raise WeightsMissing(self.physical_id, self.weights)
+        self.preflight()
         import ctranslate2
         from faster_whisper import WhisperModel
 

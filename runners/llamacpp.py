@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import BadRequest
-from runners.base import ModelLoadError, NotLoaded, WeightsMissing, completion_budget
+from runners.base import (
+    ModelLoadError,
+    NotLoaded,
+    completion_budget,
+    require_backend,
+    require_gguf,
+)
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.templates import compile_template, read_template, render
 
@@ -52,17 +58,20 @@ class LlamaCppChatRunner:
 
     # --- Runner -------------------------------------------------------------------------------
 
+    def preflight(self) -> None:
+        require_backend(self.physical_id, "llama_cpp")
+        require_gguf(self.physical_id, self.weights / (self.spec.model_file or ""))
+        if self.spec.mmproj_file:
+            require_gguf(self.physical_id, self.weights / self.spec.mmproj_file)
+
     def load(self) -> None:
+        self.preflight()
         model_file = self.weights / (self.spec.model_file or "")
-        if not model_file.is_file():
-            raise WeightsMissing(self.physical_id, model_file)
         from llama_cpp import Llama
 
         vision = None
         if self.spec.mmproj_file:
             mmproj = self.weights / self.spec.mmproj_file
-            if not mmproj.is_file():
-                raise WeightsMissing(self.physical_id, mmproj)
             from llama_cpp.llama_chat_format import MTMDChatHandler
 
             vision = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from llmux.core.config import PhysicalModel
-from runners.base import ModelLoadError, NotLoaded, WeightsMissing
+from runners.base import ModelLoadError, NotLoaded, require_backend, require_files
 
 if TYPE_CHECKING:
     from piper import PiperVoice
@@ -35,16 +35,20 @@ class PiperRunner:
         self.sample_rate = 0
         self._voice: PiperVoice | None = None
 
-    def load(self) -> None:
+    def preflight(self) -> None:
         if not self.spec.model_file:
             raise ModelLoadError(
                 f"Model {self.physical_id!r} (backend piper) needs model_file: the voice's .onnx "
                 "file inside its directory."
             )
+        require_backend(self.physical_id, "piper")
         model = self.weights / self.spec.model_file
+        require_files(self.physical_id, model, model.with_name(model.name + ".json"))
+
+    def load(self) -> None:
+        self.preflight()
+        model = self.weights / (self.spec.model_file or "")
         config = model.with_name(model.name + ".json")
-        if not model.is_file() or not config.is_file():
-            raise WeightsMissing(self.physical_id, model if not model.is_file() else config)
         from piper import PiperVoice
 
         try:

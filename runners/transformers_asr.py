@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from llmux.core.config import PhysicalModel
-from runners.base import ModelLoadError, NotLoaded, WeightsMissing, free_device_memory
+from runners.base import (
+    ModelLoadError,
+    NotLoaded,
+    free_device_memory,
+    require_backend,
+    require_files,
+)
 from runners.transcription import (
     SAMPLE_RATE,
     Segment,
@@ -104,9 +110,12 @@ class TransformersAsrRunner:
         self._dtype: torch.dtype | None = None
         self._max_new_tokens = 0
 
+    def preflight(self) -> None:
+        require_backend(self.physical_id, "torch", "transformers")
+        require_files(self.physical_id, self.weights / "config.json")
+
     def load(self) -> None:
-        if not (self.weights / "config.json").is_file():
-            raise WeightsMissing(self.physical_id, self.weights)
+        self.preflight()
         import torch
         from transformers import AutoConfig, AutoModelForSpeechSeq2Seq, AutoProcessor
 

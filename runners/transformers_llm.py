@@ -38,9 +38,11 @@ from llmux.core.errors import BadRequest
 from runners.base import (
     ModelLoadError,
     NotLoaded,
-    WeightsMissing,
     completion_budget,
     free_device_memory,
+    require_backend,
+    require_files,
+    require_gguf,
 )
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
@@ -100,18 +102,25 @@ class TransformersChatRunner:
 
     # --- Runner -------------------------------------------------------------------------------
 
-    def load(self) -> None:
-        if self._loaded is not None:
-            return
+    def preflight(self) -> None:
+        require_backend(self.physical_id, "torch", "transformers")
         gguf_file = self.spec.model_file
-        marker = self.weights / (gguf_file or "config.json")
-        if not marker.is_file():
-            raise WeightsMissing(self.physical_id, marker if gguf_file else self.weights)
+        if gguf_file:
+            require_gguf(self.physical_id, self.weights / gguf_file)
+        else:
+            require_files(self.physical_id, self.weights / "config.json")
         if gguf_file and self.spec.supports_vision:
             raise ModelLoadError(
                 f"{self.physical_id!r}: transformers reads only text models from a GGUF file; "
                 "serve this one with backend llamacpp (model_file + mmproj_file)."
             )
+
+    def load(self) -> None:
+        if self._loaded is not None:
+            return
+        self.preflight()
+        gguf_file = self.spec.model_file
+        marker = self.weights / (gguf_file or "config.json")
         import torch
         import transformers
 

@@ -75,6 +75,9 @@ class ScriptedRunner:
     step: threading.Semaphore | None = None  # when set, each piece waits for a release
     loaded: bool = False
 
+    def preflight(self) -> None:
+        pass
+
     def load(self) -> None:
         self.loaded = True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import prometheus_client
@@ -24,7 +25,7 @@ from llmux_policy.memory import (
     default_budget_bytes,
 )
 from llmux_policy.metrics import ResidencyMetrics, ResidencyMetricsSink
-from runners.base import ModelLoadError, Runner
+from runners.base import ModelLoadError, Runner, WeightsMissing
 
 GIB = 1024**3
 T0 = 1_700_000_000.0  # the fake wall clock: 2023-11-14T22:13:20+00:00
@@ -64,6 +65,12 @@ class FakeRunner:
         self.stage = stage
         self.taken = 0
 
+    def preflight(self) -> None:
+        self.stage.preflights.append(self.physical_id)
+        error = self.stage.preflight_failures.pop(self.physical_id, None)
+        if error is not None:
+            raise error
+
     def load(self) -> None:
         with self.stage.active("load", self.physical_id):
             self.stage.pass_gate(self.stage.load_gates, self.physical_id)
@@ -95,6 +102,8 @@ class Stage:
         self.load_gates: dict[str, threading.Event] = {}
         self.unload_gates: dict[str, threading.Event] = {}
         self.failures: dict[str, BaseException] = {}
+        self.preflight_failures: dict[str, BaseException] = {}
+        self.preflights: list[str] = []  # physical ids, as checked (not in `calls`: no device work)
         self.unload_failures: dict[str, BaseException] = {}
         self.actual_bytes: dict[str, int] = {}
         self.device_used = 0
@@ -498,6 +507,23 @@ async def test_a_failed_load_reaches_every_waiter_and_the_next_request_retries(
     runner = await within(use_once(residency, "qwen-4b"))
     assert runner is stage.made[1]
     assert resident(residency) == {"qwen-4b"}
+
+
+async def test_a_model_whose_weights_are_missing_evicts_nothing(stage: Stage) -> None:
+    """With ASR, TTS and an LLM resident, a request for a model that cannot load (weights gone)
+    is refused before anything is evicted for it, on the first try and on every retry."""
+    residency = stage.residency()
+    for physical_id in ("asr", "tts", "qwen-4b"):
+        await within(use_once(residency, physical_id))
+    for _ in range(2):
+        missing = WeightsMissing("gpt-oss-20b", Path("/models/gpt-oss-20b/config.json"))
+        stage.preflight_failures["gpt-oss-20b"] = missing
+        with pytest.raises(WeightsMissing) as info:
+            await within(use_once(residency, "gpt-oss-20b"))
+        assert info.value.status == 503 and info.value.code == "model_weights_missing"
+    assert resident(residency) == {"asr", "tts", "qwen-4b"}
+    assert [call for call in stage.calls if call[0] == "unload"] == []
+    assert stage.preflights.count("gpt-oss-20b") == 2
 
 
 async def test_other_load_exceptions_become_a_model_load_error(stage: Stage) -> None:

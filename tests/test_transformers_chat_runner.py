@@ -480,7 +480,7 @@ def test_missing_weights(tmp_path: Path) -> None:
     runner = TransformersChatRunner("absent", qwen_spec(), tmp_path / "absent")
     with pytest.raises(WeightsMissing) as caught:
         runner.load()
-    assert caught.value.path == tmp_path / "absent"
+    assert caught.value.path == tmp_path / "absent" / "config.json"  # the file looked for
 
 
 def test_sampling_settings() -> None:
