@@ -61,7 +61,7 @@ from typing import Literal, TypedDict
 from llmux.core.concurrency import run_to_end
 from llmux.core.config import ModelType, PhysicalModel, Registry
 from llmux.core.errors import ApiError, ModelNotFound, ModelUnavailable
-from llmux_policy.memory import MemoryProbe
+from llmux_policy.memory import GIB, MemoryProbe
 from llmux_policy.metrics import EvictionCause, NoMetrics, ResidencyMetricsSink
 from llmux_policy.planner import (
     AlreadyResident,
@@ -75,7 +75,7 @@ from llmux_policy.planner import (
     eviction_key,
     plan_residency,
 )
-from runners.base import ModelLoadError, Runner
+from runners.base import ModelLoadError, OutOfDeviceMemory, Runner
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ class Residency:
         self._tasks: set[asyncio.Task[None]] = set()
         self._measured: dict[str, int] = {}
         self._loads: dict[str, int] = {}  # successful loads per model, for /health
+        self._raised: dict[str, int] = {}  # estimates raised after out-of-memory loads
         self._device_changes = 0  # loads and unloads done, to tell whether a reading is clean
         self._waiting = 0
         self._closed = False
@@ -324,18 +325,54 @@ class Residency:
                 self._end_swap(swap, entry=entry)
 
     async def _make_room_and_load(self, swap: _Swap) -> _Entry | None:
-        """Plan, wait for busy victims, evict, load. Called with `_swap_lock` held.
+        """Preflight, plan, wait for busy victims, evict, load. Called with `_swap_lock` held.
 
-        Returns the ready entry, or None when every request gave up before anything was evicted.
+        Returns the ready entry, or None when every request gave up before anything more was
+        evicted. A load that runs out of device memory is retried once, with the model's estimate
+        raised and a plan that evicts everything it may (down to loading it alone).
         """
-        runner = await self._prepare(swap.physical_id)
+        physical_id = swap.physical_id
+        runner = await self._prepare(physical_id)
+        beside = sorted(self._entries)
+        if not await self._make_room(swap, self._footprint(physical_id)):
+            return None
+        try:
+            return await self._load(physical_id, runner)
+        except OutOfDeviceMemory as first:
+            self._raise_estimate(physical_id)
+            log.warning(
+                "%r ran out of device memory loading beside %s (%s); raised its estimate to "
+                "%.1f GiB and trying once more with everything else that may go evicted",
+                physical_id,
+                ", ".join(beside) or "nothing",
+                first,
+                self._footprint(physical_id) / GIB,
+            )
+        runner = await self._prepare(physical_id)  # the failed one gave back what it took
+        if not await self._make_room(swap, self._budget):
+            return None
+        try:
+            return await self._load(physical_id, runner)
+        except OutOfDeviceMemory as second:
+            kept = sorted(self._entries)
+            raise ModelUnavailable(
+                f"Model {physical_id!r} ran out of GPU memory while loading, first beside "
+                f"{', '.join(beside) or 'nothing'}, then again beside "
+                f"{', '.join(kept) or 'nothing'} ({second}). Its estimated_vram_gb is too low "
+                "for this GPU, or memory is taken outside llmux.",
+                code="model_out_of_memory",
+            ) from second
+
+    async def _make_room(self, swap: _Swap, footprint: int) -> bool:
+        """Evict what the plan for `footprint` bytes of `swap`'s model needs gone, waiting for
+        busy victims. False (nothing more evicted) when every request for it gave up."""
         marked: set[str] = set()
         try:
             while True:
                 if not swap.tickets:
                     self._drop_swap(swap)
-                    return None
-                plan = self._plan(swap.physical_id)
+                    return False
+                plan = self._plan(swap.physical_id, footprint)
                 match plan:
                     case Refuse(reason=reason, code=code):
                         raise ModelUnavailable(reason, code=code)
@@ -347,19 +384,25 @@ class Residency:
                         for eviction in evictions:
                             if not swap.tickets:  # everyone gave up: evict nothing more
                                 self._drop_swap(swap)
-                                return None
+                                return False
                             await self._evict(self._entries[eviction.physical_id], eviction.reason)
-                        return await self._load(swap.physical_id, runner)
+                        return True
                     case AlreadyResident():  # only this swap registers its model
                         raise RuntimeError(f"{swap.physical_id!r} resident while its swap runs")
         finally:
             self._mark_evicting(set(), marked)
 
-    def _plan(self, physical_id: str) -> Plan:
+    def _raise_estimate(self, physical_id: str) -> None:
+        """After an out-of-memory load: half as much again as the footprint used, at least
+        1 GiB more, never above the budget. Kept until a load measures the real footprint."""
+        used = self._footprint(physical_id)
+        self._measured.pop(physical_id, None)
+        self._raised[physical_id] = min(self._budget, max(used * 3 // 2, used + GIB))
+
+    def _plan(self, physical_id: str, footprint: int) -> Plan:
         resident = [self._resident(entry) for entry in self._entries.values()]
         model = self._registry.physical_models[physical_id]
-        request = Request(physical_id, model.type, self._footprint(physical_id))
-        return plan_residency(resident, request, self._budget)
+        return plan_residency(resident, Request(physical_id, model.type, footprint), self._budget)
 
     def _resident(self, entry: _Entry) -> Resident:
         return Resident(
@@ -495,8 +538,10 @@ class Residency:
         self._notify()
 
     def _footprint(self, physical_id: str) -> int:
+        """What plans count for a model: its latest measurement, else its raised estimate after
+        an out-of-memory load, else its declared footprint."""
         declared = self._registry.physical_models[physical_id].footprint_bytes
-        return self._measured.get(physical_id, declared)
+        return self._measured.get(physical_id, self._raised.get(physical_id, declared))
 
     # --- observation and shutdown -----------------------------------------------------------
 

@@ -57,6 +57,13 @@ class WeightsMissing(ModelLoadError):
         self.path = path
 
 
+class OutOfDeviceMemory(ModelLoadError):
+    """A load ran out of device memory. The runner has already let go of what the load took;
+    the executor raises the model's estimate and tries once more with more room."""
+
+    code = "model_out_of_memory"
+
+
 class NotLoaded(ModelLoadError):
     """A runner was asked to work while its weights are not on the device.
 

@@ -38,6 +38,7 @@ from llmux.core.errors import BadRequest
 from runners.base import (
     ModelLoadError,
     NotLoaded,
+    OutOfDeviceMemory,
     completion_budget,
     free_device_memory,
     require_backend,
@@ -163,7 +164,7 @@ class TransformersChatRunner:
             ) from exc
         if out_of_memory is not None:
             free_device_memory(on_cuda=True)
-            raise ModelLoadError(
+            raise OutOfDeviceMemory(
                 f"{self.physical_id!r} does not fit in the free GPU memory: {out_of_memory}"
             )
         model.eval()

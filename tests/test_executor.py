@@ -25,7 +25,7 @@ from llmux_policy.memory import (
     default_budget_bytes,
 )
 from llmux_policy.metrics import ResidencyMetrics, ResidencyMetricsSink
-from runners.base import ModelLoadError, Runner, WeightsMissing
+from runners.base import ModelLoadError, OutOfDeviceMemory, Runner, WeightsMissing
 
 GIB = 1024**3
 T0 = 1_700_000_000.0  # the fake wall clock: 2023-11-14T22:13:20+00:00
@@ -77,9 +77,14 @@ class FakeRunner:
             error = self.stage.failures.pop(self.physical_id, None)
             if error is not None:
                 raise error
-            self.taken = self.stage.actual_bytes.get(
+            taken = self.stage.actual_bytes.get(
                 self.physical_id, REGISTRY.physical_models[self.physical_id].footprint_bytes
             )
+            capacity = self.stage.capacity
+            if capacity is not None and self.stage.device_used + taken > capacity:
+                # A real device: the load fails part-way and gives back what it took.
+                raise OutOfDeviceMemory(f"CUDA out of memory loading {self.physical_id}")
+            self.taken = taken
             self.stage.move_device_memory(+self.taken)
 
     def unload(self) -> None:
@@ -107,6 +112,7 @@ class Stage:
         self.unload_failures: dict[str, BaseException] = {}
         self.actual_bytes: dict[str, int] = {}
         self.device_used = 0
+        self.capacity: int | None = None  # a device that runs out of memory when this is set
         self.max_active = 0
         self.residencies: list[Residency] = []
         self.tasks: list[asyncio.Task[Runner]] = []
@@ -524,6 +530,59 @@ async def test_a_model_whose_weights_are_missing_evicts_nothing(stage: Stage) ->
     assert resident(residency) == {"asr", "tts", "qwen-4b"}
     assert [call for call in stage.calls if call[0] == "unload"] == []
     assert stage.preflights.count("gpt-oss-20b") == 2
+
+
+async def test_out_of_memory_raises_the_estimate_and_retries_once_with_more_room(
+    stage: Stage,
+) -> None:
+    """qwen-9b declares 9 GiB but takes 13: beside ASR (4 GiB) on a 16 GiB device it runs out of
+    memory. The retry evicts everything it may (an LLM may take ASR) and loads it alone."""
+    stage.capacity = 16 * GIB
+    stage.actual_bytes["qwen-9b"] = 13 * GIB
+    residency = stage.residency()
+    await within(use_once(residency, "asr"))
+
+    await within(use_once(residency, "qwen-9b"))
+
+    assert stage.calls == [
+        ("load", "asr"),
+        ("load", "qwen-9b"),  # beside ASR: out of memory
+        ("unload", "qwen-9b"),  # the failed runner gives back what it took
+        ("unload", "asr"),  # the retry makes room for a model now estimated at 13.5 GiB
+        ("load", "qwen-9b"),
+    ]
+    assert resident(residency) == {"qwen-9b"}
+    assert model(residency.snapshot(), "qwen-9b")["footprint_bytes"] == int(13.5 * GIB)
+    # The next plan for it uses the raised estimate from the start: no failed load first.
+    await within(use_once(residency, "asr"))
+    await within(use_once(residency, "qwen-9b"))
+    assert stage.calls[-3:] == [("load", "asr"), ("unload", "asr"), ("load", "qwen-9b")]
+
+
+async def test_out_of_memory_twice_is_a_503_that_says_what_was_tried(stage: Stage) -> None:
+    stage.capacity = 10 * GIB
+    stage.actual_bytes["qwen-9b"] = 11 * GIB  # more than the device has at all
+    residency = stage.residency()
+    await within(use_once(residency, "asr"))
+
+    with pytest.raises(
+        ModelUnavailable, match="first beside asr, then again beside nothing"
+    ) as info:
+        await within(use_once(residency, "qwen-9b"))
+
+    assert info.value.status == 503 and info.value.code == "model_out_of_memory"
+    assert residency.snapshot()["models"] == [] and stage.device_used == 0
+
+
+async def test_a_reload_is_measured_again_and_the_footprint_follows_it(stage: Stage) -> None:
+    residency = stage.residency(probe=FakeProbe(stage))
+    stage.actual_bytes["qwen-9b"] = 12 * GIB
+    await within(use_once(residency, "qwen-9b"))
+    assert model(residency.snapshot(), "qwen-9b")["measured_bytes"] == 12 * GIB
+    await within(use_once(residency, "gpt-oss-20b"))  # replaces it
+    stage.actual_bytes["qwen-9b"] = 8 * GIB
+    await within(use_once(residency, "qwen-9b"))
+    assert model(residency.snapshot(), "qwen-9b")["measured_bytes"] == 8 * GIB
 
 
 async def test_other_load_exceptions_become_a_model_load_error(stage: Stage) -> None:
