@@ -1,7 +1,7 @@
 """The residency executor: carries out the planner's plans and keeps requests' models resident.
 
-`Residency` is the only code that calls `Runner.load` and `Runner.unload` (on worker threads, via
-`asyncio.to_thread`). Routes reach a runner with
+`Residency` is the only code that calls `Runner.load` and `Runner.unload` (on a swap thread of
+its own, so that inference filling the default pool never delays a swap). Routes reach a runner with
 
     async with residency.use(physical_id) as runner:
         ...  # the model stays resident until the block ends (a whole stream included)
@@ -51,6 +51,7 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -174,6 +175,9 @@ class Residency:
         self._closed = False
         self._ticks = itertools.count(1)
         self._swap_lock = asyncio.Lock()
+        # Loads, unloads and preflights run on a thread of their own: inference fills the default
+        # pool (a burst of transcriptions), and a swap must never queue behind it.
+        self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmux-swap")
         self._changed = asyncio.Event()
 
     @property
@@ -451,7 +455,7 @@ class Residency:
         entry.state = "unloading"
         self._notify()
         try:
-            await run_to_end(entry.runner.unload)
+            await run_to_end(entry.runner.unload, executor=self._swap_thread)
         except Exception:
             # Keeping a model registered that may be half gone would be worse; the device probe
             # shows any memory it kept.
@@ -473,7 +477,7 @@ class Residency:
             return runner
 
         try:
-            return await run_to_end(make_and_check)
+            return await run_to_end(make_and_check, executor=self._swap_thread)
         except Exception as exc:
             self._metrics.load_finished(physical_id, "error", 0.0)
             if isinstance(exc, ModelLoadError):
@@ -492,7 +496,9 @@ class Residency:
         self._metrics.resident_bytes(physical_id, self._footprint(physical_id))
         self._notify()
         try:
-            before, measured = await run_to_end(partial(self._load_and_measure, runner))
+            before, measured = await run_to_end(
+                partial(self._load_and_measure, runner), executor=self._swap_thread
+            )
         except BaseException as exc:
             self._forget(entry)
             cancelled = isinstance(exc, asyncio.CancelledError)
@@ -527,7 +533,7 @@ class Residency:
     async def _discard(self, runner: Runner) -> None:
         """Best effort: let a runner whose load failed give back what the partial load took."""
         try:
-            await run_to_end(runner.unload)
+            await run_to_end(runner.unload, executor=self._swap_thread)
         except Exception:
             log.exception("unloading %r after its failed load failed", runner.physical_id)
 
@@ -609,6 +615,7 @@ class Residency:
                     await self._evict(entry, "shutdown")
             finally:
                 self._mark_evicting(set(), marked)
+        self._swap_thread.shutdown(wait=False)
 
 
 def _load_failed(physical_id: str, exc: Exception) -> ModelLoadError:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -901,3 +902,21 @@ async def test_metrics_series_move(stage: Stage) -> None:
     await within(residency.close())
     assert value("llmux_model_evictions_total", model="tts", reason="shutdown") == 1
     assert value("llmux_model_resident_bytes", model="tts") == 0
+
+
+async def test_a_swap_does_not_queue_behind_inference_on_the_default_pool(stage: Stage) -> None:
+    """Inference (transcriptions, say) fills every worker of the loop's default pool; a load
+    still runs, on the executor's own swap thread."""
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    pool = ThreadPoolExecutor(max_workers=2)
+    loop.set_default_executor(pool)
+    busy = [loop.run_in_executor(None, release.wait, 10) for _ in range(2)]
+    try:
+        residency = stage.residency()
+        await within(use_once(residency, "asr"))
+        assert resident(residency) == {"asr"}
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+        pool.shutdown()

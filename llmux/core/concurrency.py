@@ -6,8 +6,10 @@ function run to its end (`run_to_end`), or a generator read from async code
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Executor
 from typing import TypeVar
 
 import anyio
@@ -15,15 +17,23 @@ import anyio
 T = TypeVar("T")
 
 
-async def run_to_end(fn: Callable[[], T], stop: threading.Event | None = None) -> T:
-    """Run blocking `fn` on a worker thread and wait until it has ended.
+async def run_to_end(
+    fn: Callable[[], T],
+    stop: threading.Event | None = None,
+    *,
+    executor: Executor | None = None,
+) -> T:
+    """Run blocking `fn` on a worker thread (of `executor`, else the loop's default pool) and wait
+    until it has ended.
 
     A thread cannot be stopped, so a cancellation (client gone, shutdown) does not abandon it:
     `stop` is set, so `fn` can end early if it watches it, and this keeps waiting for the thread,
     then raises `CancelledError` (dropping `fn`'s result). So the model `fn` uses stays held, never
     evicted, until the thread has let go of it.
     """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    task = asyncio.ensure_future(loop.run_in_executor(executor, context.run, fn))
     cancelled = False
     while not task.done():
         try:
