@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,11 +95,23 @@ class ResidentInfo(TypedDict):
     loads: int  # loads of this model that succeeded since start
 
 
+class LoadError(TypedDict):
+    message: str
+    at: str  # ISO 8601, UTC
+
+
+class SwapInfo(TypedDict):
+    model: str  # the physical model the swap brings in
+    waiting: int  # requests waiting for it
+
+
 class ResidencySnapshot(TypedDict):
     budget_bytes: int
     used_bytes: int  # sum of the resident models' footprints
     device_used_bytes: int | None  # what the memory probe reads; None without one
     waiting_for_swap: int
+    swaps: list[SwapInfo]  # swaps under way or queued, and who waits for each
+    last_load_errors: dict[str, LoadError]  # the last failed load of each model that had one
     closing: bool  # close() has begun: no new requests are taken
     models: list[ResidentInfo]
 
@@ -157,6 +170,8 @@ class Residency:
         probe: MemoryProbe | None = None,
         metrics: ResidencyMetricsSink | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        thrash_window_s: float = 60.0,
     ) -> None:
         self._registry = registry
         self._runner_factory = runner_factory
@@ -170,6 +185,11 @@ class Residency:
         self._measured: dict[str, int] = {}
         self._loads: dict[str, int] = {}  # successful loads per model, for /health
         self._raised: dict[str, int] = {}  # estimates raised after out-of-memory loads
+        self._load_errors: dict[str, LoadError] = {}  # the last failed load of each model
+        self._llm_evicted_at: dict[str, float] = {}  # monotonic time each LLM was last replaced
+        self._thrash_window_s = thrash_window_s
+        self._thrash_warned_at = -math.inf
+        self._monotonic = monotonic
         self._device_changes = 0  # loads and unloads done, to tell whether a reading is clean
         self._waiting = 0
         self._closed = False
@@ -209,6 +229,7 @@ class Residency:
             if entry is not None:
                 return entry
             self._count_waiting(+1)
+            started = time.monotonic()
             try:
                 while entry is None:
                     await self._changed.wait()
@@ -216,6 +237,7 @@ class Residency:
                 return entry
             finally:
                 self._count_waiting(-1)
+                self._metrics.waited_for_swap(time.monotonic() - started)
         except BaseException:
             self._abandon(ticket)
             raise
@@ -314,15 +336,20 @@ class Residency:
         """Bring one model in and hand it to the requests waiting for it, or give them its error."""
         try:
             async with self._swap_lock:
+                started = time.monotonic()
                 entry = await self._make_room_and_load(swap)
+                if entry is not None:
+                    self._metrics.swap_finished(swap.physical_id, time.monotonic() - started)
         except asyncio.CancelledError:
             message = f"Loading model {swap.physical_id!r} was cancelled: llmux is shutting down."
             self._end_swap(swap, error=ModelUnavailable(message))
             raise
         except ApiError as exc:
+            self._note_load_error(swap.physical_id, exc.message)
             self._end_swap(swap, error=exc)
         except Exception as exc:  # a bug here must still answer the waiting requests
             log.exception("swap for %r failed", swap.physical_id)
+            self._note_load_error(swap.physical_id, repr(exc))
             self._end_swap(swap, error=ModelLoadError(f"Model {swap.physical_id!r}: {exc!r}"))
         else:
             if entry is not None:
@@ -396,6 +423,30 @@ class Residency:
         finally:
             self._mark_evicting(set(), marked)
 
+    def _note_llm_swap(self, evicted: str) -> None:
+        """Count an LLM replaced by another, and warn when two alternate fast (ping-pong): each
+        switch pays a whole load, so two clients of two LLMs can keep the GPU loading."""
+        self._metrics.llm_swapped()
+        now = self._monotonic()
+        self._llm_evicted_at[evicted] = now
+        recent = [
+            physical_id
+            for physical_id, at in self._llm_evicted_at.items()
+            if now - at < self._thrash_window_s
+        ]
+        if len(recent) >= 2 and now - self._thrash_warned_at >= self._thrash_window_s:
+            self._thrash_warned_at = now
+            log.warning(
+                "LLMs are swapping back and forth (%s evicted within %.0f s): every switch is a "
+                "full load; give these clients one model, or use virtual models of one physical "
+                "model (switching between those costs no load)",
+                ", ".join(sorted(recent)),
+                self._thrash_window_s,
+            )
+
+    def _note_load_error(self, physical_id: str, message: str) -> None:
+        self._load_errors[physical_id] = {"message": message, "at": _iso(self._clock()) or ""}
+
     def _raise_estimate(self, physical_id: str) -> None:
         """After an out-of-memory load: half as much again as the footprint used, at least
         1 GiB more, never above the budget. Kept until a load measures the real footprint."""
@@ -452,6 +503,8 @@ class Residency:
 
     async def _evict(self, entry: _Entry, reason: EvictionCause) -> None:
         """Unload one idle model. Blocks until its runner has let go; the entry is gone after."""
+        if reason == "replace_same_type" and entry.model.type == "llm":
+            self._note_llm_swap(entry.physical_id)
         entry.state = "unloading"
         self._notify()
         try:
@@ -510,6 +563,7 @@ class Residency:
             raise
         self._metrics.load_finished(physical_id, "ok", time.monotonic() - started)
         self._loads[physical_id] = self._loads.get(physical_id, 0) + 1
+        self._load_errors.pop(physical_id, None)
         self._device_changes += 1
         if measured is not None:
             self._measured[physical_id] = measured
@@ -573,6 +627,11 @@ class Residency:
             "used_bytes": sum(model["footprint_bytes"] for model in models),
             "device_used_bytes": self._probe.used_bytes() if self._probe is not None else None,
             "waiting_for_swap": self._waiting,
+            "swaps": [
+                {"model": swap.physical_id, "waiting": len(swap.tickets)}
+                for swap in self._swaps.values()
+            ],
+            "last_load_errors": dict(self._load_errors),
             "closing": self._closed,
             "models": models,
         }

@@ -15,6 +15,11 @@ Series (the Counter names get `_total` appended by Prometheus):
 - `llmux_model_load_seconds{model}`: histogram of successful load durations.
 - `llmux_model_resident_bytes{model}`: footprint of each resident model (0 once unloaded).
 - `llmux_requests_waiting_for_swap`: requests waiting for a load or an eviction.
+- `llmux_swap_seconds{model}`: histogram of whole swaps (waiting for busy victims, evictions and
+  the load), by the model brought in.
+- `llmux_swap_wait_seconds`: histogram of how long requests waited for a swap.
+- `llmux_llm_swaps_total`: one LLM replacing another; a warning is logged when two alternate
+  faster than the thrash window.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ class ResidencyMetricsSink(Protocol):
 
     def waiting_for_swap(self, count: int) -> None: ...
 
+    def swap_finished(self, physical_id: str, seconds: float) -> None: ...
+
+    def waited_for_swap(self, seconds: float) -> None: ...
+
+    def llm_swapped(self) -> None: ...
+
 
 class NoMetrics:
     """The default: records nothing."""
@@ -52,6 +63,15 @@ class NoMetrics:
         pass
 
     def waiting_for_swap(self, count: int) -> None:
+        pass
+
+    def swap_finished(self, physical_id: str, seconds: float) -> None:
+        pass
+
+    def waited_for_swap(self, seconds: float) -> None:
+        pass
+
+    def llm_swapped(self) -> None:
         pass
 
 
@@ -91,6 +111,22 @@ class ResidencyMetrics:
             multiprocess_mode="livesum",
             **where,
         )
+        self._swap_seconds = prometheus.Histogram(
+            "llmux_swap_seconds",
+            "Seconds a swap took: waiting for busy victims, evictions and the load.",
+            ["model"],
+            buckets=LOAD_SECONDS_BUCKETS,
+            **where,
+        )
+        self._swap_wait_seconds = prometheus.Histogram(
+            "llmux_swap_wait_seconds",
+            "Seconds a request waited for a swap to bring its model in.",
+            buckets=LOAD_SECONDS_BUCKETS,
+            **where,
+        )
+        self._llm_swaps = prometheus.Counter(
+            "llmux_llm_swaps", "One LLM replacing another on the GPU.", **where
+        )
 
     def load_finished(self, physical_id: str, outcome: LoadOutcome, seconds: float) -> None:
         self._loads.labels(model=physical_id, outcome=outcome).inc()
@@ -105,6 +141,15 @@ class ResidencyMetrics:
 
     def waiting_for_swap(self, count: int) -> None:
         self._waiting.set(count)
+
+    def swap_finished(self, physical_id: str, seconds: float) -> None:
+        self._swap_seconds.labels(model=physical_id).observe(seconds)
+
+    def waited_for_swap(self, seconds: float) -> None:
+        self._swap_wait_seconds.observe(seconds)
+
+    def llm_swapped(self) -> None:
+        self._llm_swaps.inc()
 
 
 class WorkerResidencyMetrics:
@@ -136,3 +181,12 @@ class WorkerResidencyMetrics:
 
     def waiting_for_swap(self, count: int) -> None:
         self._sink().waiting_for_swap(count)
+
+    def swap_finished(self, physical_id: str, seconds: float) -> None:
+        self._sink().swap_finished(physical_id, seconds)
+
+    def waited_for_swap(self, seconds: float) -> None:
+        self._sink().waited_for_swap(seconds)
+
+    def llm_swapped(self) -> None:
+        self._sink().llm_swapped()

@@ -25,7 +25,7 @@ from llmux_policy.memory import (
     MemoryProbe,
     default_budget_bytes,
 )
-from llmux_policy.metrics import ResidencyMetrics, ResidencyMetricsSink
+from llmux_policy.metrics import NoMetrics, ResidencyMetrics, ResidencyMetricsSink
 from runners.base import ModelLoadError, OutOfDeviceMemory, Runner, WeightsMissing
 
 GIB = 1024**3
@@ -362,7 +362,7 @@ async def test_a_fresh_model_goes_to_its_waiters_before_the_next_swap_can_take_i
     assert stage.calls == [("load", "qwen-4b"), ("unload", "qwen-4b"), ("load", "qwen-9b")]
 
 
-class CancelWhenLoaded:
+class CancelWhenLoaded(NoMetrics):
     """A metrics sink that cancels a task as soon as a load succeeds: its wake-up is then
     already scheduled, so the cancellation lands after the model was handed to it."""
 
@@ -372,15 +372,6 @@ class CancelWhenLoaded:
     def load_finished(self, physical_id: str, outcome: str, seconds: float) -> None:
         if outcome == "ok" and self.task is not None:
             asyncio.get_running_loop().call_soon(self.task.cancel)
-
-    def evicted(self, physical_id: str, reason: str) -> None:
-        pass
-
-    def resident_bytes(self, physical_id: str, footprint_bytes: int) -> None:
-        pass
-
-    def waiting_for_swap(self, count: int) -> None:
-        pass
 
 
 async def test_a_waiter_cancelled_as_its_model_is_handed_over_leaks_no_count(
@@ -902,6 +893,56 @@ async def test_metrics_series_move(stage: Stage) -> None:
     await within(residency.close())
     assert value("llmux_model_evictions_total", model="tts", reason="shutdown") == 1
     assert value("llmux_model_resident_bytes", model="tts") == 0
+    # Swaps and the waits for them are timed; an LLM replacing another is counted.
+    assert value("llmux_swap_seconds_count", model="qwen-4b") == 1
+    assert value("llmux_swap_wait_seconds_count") == 7  # every request whose model had to load
+    assert value("llmux_llm_swaps_total") == 2  # 4b -> 9b -> 20b
+
+
+async def test_two_llms_alternating_fast_are_counted_and_warned_about(
+    stage: Stage, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    residency = Residency(
+        REGISTRY,
+        stage.factory,
+        16 * GIB,
+        clock=lambda: T0,
+        monotonic=lambda: now[0],
+        thrash_window_s=60,
+    )
+    stage.residencies.append(residency)
+    for physical_id in ("qwen-4b", "qwen-9b"):
+        await within(use_once(residency, physical_id))
+        now[0] += 100  # slow switching: no warning
+    assert "swapping back and forth" not in caplog.text
+    for physical_id in ("qwen-4b", "qwen-9b", "qwen-4b"):
+        await within(use_once(residency, physical_id))
+        now[0] += 5
+    warnings = [r for r in caplog.records if "swapping back and forth" in r.getMessage()]
+    assert len(warnings) == 1  # once per window, not per switch
+    assert "qwen-4b, qwen-9b" in warnings[0].getMessage()
+
+
+async def test_health_names_each_swap_and_the_last_load_error(stage: Stage) -> None:
+    residency = stage.residency()
+    gate = stage.hold_load("qwen-4b")
+    first = [stage.request(residency, "qwen-4b") for _ in range(2)]
+    await within(residency.wait_until(waiting(2)))
+    assert residency.snapshot()["swaps"] == [{"model": "qwen-4b", "waiting": 2}]
+    gate.set()
+    await within(asyncio.gather(*first))
+    assert residency.snapshot()["swaps"] == []
+
+    stage.failures["asr"] = ModelLoadError("the weights of 'asr' are corrupt")
+    with pytest.raises(ModelLoadError):
+        await within(use_once(residency, "asr"))
+    errors = residency.snapshot()["last_load_errors"]
+    assert errors == {
+        "asr": {"message": "the weights of 'asr' are corrupt", "at": "2023-11-14T22:13:20+00:00"}
+    }
+    await within(use_once(residency, "asr"))  # a successful load clears it
+    assert residency.snapshot()["last_load_errors"] == {}
 
 
 async def test_a_swap_does_not_queue_behind_inference_on_the_default_pool(stage: Stage) -> None:
