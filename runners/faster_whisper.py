@@ -9,6 +9,7 @@ and carries the text of one window over as context into the next.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,7 +82,13 @@ class FasterWhisperRunner:
         free_device_memory(on_cuda=False)
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, prompt: str | None, temperature: float
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        cancel: threading.Event | None = None,
     ) -> Transcript:
         model = self._model
         if model is None:
@@ -95,8 +102,13 @@ class FasterWhisperRunner:
             temperature=list(FALLBACK_TEMPERATURES) if temperature == 0 else temperature,
             vad_filter=False,
         )
-        # The segments are a generator: decoding happens while it is consumed, here.
-        decoded = list(segments)
+        # The segments are a generator: decoding happens while it is consumed, here, one 30 s
+        # window at a time, so a cancel is seen between windows.
+        decoded = []
+        for segment in segments:
+            decoded.append(segment)
+            if cancel is not None and cancel.is_set():
+                break
         found = tuple(
             Segment(
                 start=s.start,

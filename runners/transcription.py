@@ -7,6 +7,7 @@ all; a runner checks it against what its model knows and turns audio into a `Tra
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -73,9 +74,18 @@ class TranscribeRunner(Runner, Protocol):
     """
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, prompt: str | None, temperature: float
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        cancel: threading.Event | None = None,
     ) -> Transcript:
         """Transcribe mono float32 `audio` at `SAMPLE_RATE`.
+
+        Once `cancel` is set (the client went away), stops at the next segment or window and
+        returns what it has; the caller drops it.
 
         `language` is a code from `llmux.audio.languages`, or None to detect it (a model that
         cannot detect raises `UnsupportedLanguage`, as it does for a language it does not know).

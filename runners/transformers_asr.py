@@ -177,7 +177,13 @@ class TransformersAsrRunner:
         free_device_memory(on_gpu)
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, prompt: str | None, temperature: float
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        cancel: threading.Event | None = None,
     ) -> Transcript:
         family = self._family
         if family is None or self._model is None:
@@ -197,6 +203,8 @@ class TransformersAsrRunner:
             if language is None:
                 language = self._detect_language(audio[slice(*windows[0])])
             for start, end in windows:
+                if cancel is not None and cancel.is_set():
+                    break
                 text, tokens = self._transcribe_window(
                     audio[start:end], family, language, prompt, temperature
                 )

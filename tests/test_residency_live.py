@@ -10,10 +10,12 @@ socket and blocks the server's `send`, as a stalled client does.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from llmux.settings import Settings
 from llmux.state import AppState
 from llmux_policy.executor import Residency
 from runners.chat import GenerationChunk, GenerationRequest
+from runners.transcription import Transcript
 from tests.conftest import TEST_KEY, LiveServer, write_config
 
 GIB = 1024**3
@@ -49,11 +52,13 @@ REGISTRY = Registry.model_validate(
                 "estimated_vram_gb": 6,
             },
             "voice": {"type": "tts", "backend": "piper", "estimated_vram_gb": 1},
+            "ear": {"type": "asr", "backend": "faster_whisper", "estimated_vram_gb": 1},
         },
         "virtual_models": {
             "A": {"physical": "llm-a"},
             "B": {"physical": "llm-b"},
             "Voice": {"physical": "voice"},
+            "Ear": {"physical": "ear"},
         },
     }
 )
@@ -143,7 +148,42 @@ class FakeVoice:
         self.recorder.note("unload", self.physical_id)
 
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
+        self.recorder.note("speak", self.physical_id)
+        time.sleep(self.pause)
         return np.zeros(1600, dtype=np.float32)
+
+    pause = 0.0
+
+
+class FakeEar:
+    """A speech-to-text runner that works until cancelled (or 20 s pass)."""
+
+    def __init__(self, physical_id: str, recorder: Recorder) -> None:
+        self.physical_id, self.recorder = physical_id, recorder
+
+    def preflight(self) -> None:
+        pass
+
+    def load(self) -> None:
+        self.recorder.note("load", self.physical_id)
+
+    def unload(self) -> None:
+        self.recorder.note("unload", self.physical_id)
+
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None,
+        prompt: str | None,
+        temperature: float,
+        cancel: threading.Event | None = None,
+    ) -> Transcript:
+        self.recorder.note("transcribe-start", self.physical_id)
+        assert cancel is not None
+        if cancel.wait(20):
+            self.recorder.note("cancelled", self.physical_id)
+        return Transcript(text="", language="en", duration=0.0, segments=())
 
 
 class World:
@@ -152,14 +192,19 @@ class World:
         self.chunks = 400
         self.pause = 0.0  # seconds per chunk: how long a decode step takes
         self.chunk = CHUNK
-        self.slow = {"llm-a"}  # the models the three settings above apply to; others: 1 chunk
+        self.slow = {"llm-a"}
+        self.speak_pause = 0.0  # the models the three settings above apply to; others: 1 chunk
         self.stall_s = STALL_S
         self.gate = threading.Event()
         self.gate.set()
 
     def runner(self, physical_id: str) -> Any:
         if physical_id == "voice":
-            return FakeVoice(physical_id, self.recorder)
+            voice = FakeVoice(physical_id, self.recorder)
+            voice.pause = self.speak_pause
+            return voice
+        if physical_id == "ear":
+            return FakeEar(physical_id, self.recorder)
         return FakeChat(physical_id, self.recorder, self)
 
 
@@ -393,3 +438,67 @@ async def test_a_response_cancelled_at_its_send_never_unloads_under_a_generation
     assert world.recorder.overlaps == []
     log = world.recorder.log
     assert log.index(("generate-end", "llm-a")) < log.index(("unload", "llm-a"))
+
+
+def wav_bytes(seconds: float = 1.0) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(16_000)
+        out.writeframes(b"\x00\x00" * int(16_000 * seconds))
+    return buffer.getvalue()
+
+
+def raw_post(server: LiveServer, path: str, content_type: str, body: bytes) -> socket.socket:
+    sock = socket.socket()
+    sock.connect(("127.0.0.1", server.port))
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TEST_KEY}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_a_client_gone_during_a_transcription_stops_it(server: LiveServer, world: World) -> None:
+    boundary = "llmuxboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nEar\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            f"Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + wav_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    sock = raw_post(
+        server, "/v1/audio/transcriptions", f"multipart/form-data; boundary={boundary}", body
+    )
+    wait_until(lambda: world.recorder.saw("transcribe-start", "ear"))
+    sock.close()
+    wait_until(lambda: world.recorder.saw("cancelled", "ear"), seconds=5)
+    wait_until(lambda: health(server)["loaded_models"]["ear"]["in_flight"] == 0, seconds=5)
+
+
+def test_a_client_gone_during_speech_stops_it_between_sentences(
+    server: LiveServer, world: World
+) -> None:
+    world.speak_pause = 0.3
+    # Fifteen sentences of about 230 characters: each is a piece of its own (at most 300).
+    sentence = "This sentence is long enough that it fills most of one piece of speech, " * 3
+    text = " ".join(f"{sentence.strip()} Number {i}." for i in range(15))
+    sock = raw_post(
+        server,
+        "/v1/audio/speech",
+        "application/json",
+        json.dumps(
+            {"model": "Voice", "input": text, "voice": "alloy", "response_format": "wav"}
+        ).encode(),
+    )
+    wait_until(lambda: world.recorder.saw("speak", "voice"))
+    sock.close()
+    time.sleep(3)  # 0.3 s a piece: ten more would be spoken by now without the disconnect
+    spoken = [entry for entry in world.recorder.log if entry == ("speak", "voice")]
+    assert len(spoken) <= 3
+    wait_until(lambda: health(server)["loaded_models"]["voice"]["in_flight"] == 0, seconds=5)

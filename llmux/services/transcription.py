@@ -8,6 +8,7 @@ model is asked for, so a bad or oversized file never causes a load. Nothing here
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import cast
 
 from fastapi import UploadFile
@@ -29,12 +30,18 @@ async def transcribe(state: AppState, form: TranscriptionRequest) -> Transcript:
     )
     del data
     language = form.language or physical.default_language
+    cancel = threading.Event()  # set by run_to_end when the request is cancelled (client gone)
     async with state.residency.use(physical_id) as held:
         runner = cast(TranscribeRunner, held)
         return await run_to_end(
             lambda: runner.transcribe(
-                audio, language=language, prompt=form.prompt, temperature=form.temperature
-            )
+                audio,
+                language=language,
+                prompt=form.prompt,
+                temperature=form.temperature,
+                cancel=cancel,
+            ),
+            cancel,
         )
 
 
