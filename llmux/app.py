@@ -89,7 +89,10 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await state.residency.close()  # unloads every model; waits for requests in flight
+        # Bounded: generations get LLMUX_SHUTDOWN_GRACE_S, then are cancelled; then every model
+        # is unloaded once its requests have let go.
+        await state.chat.stop(grace_s=state.settings.shutdown_grace_s)
+        await state.residency.close()
 
     app = FastAPI(
         title="llmux",

@@ -58,6 +58,8 @@ class Settings:
     # A streaming client that reads nothing for this long is disconnected (its model was let go
     # of when its generation ended; this frees the connection).
     stream_stall_s: float = 30.0
+    # At shutdown, generations still running after this long are cancelled.
+    shutdown_grace_s: float = 10.0
 
     @property
     def models_file(self) -> Path:
@@ -95,4 +97,5 @@ class Settings:
             tts_max_input_chars=int(_env_float(env, "LLMUX_TTS_MAX_INPUT_CHARS", 4096)),
             open_audio_discovery=_env_bool(env, "LLMUX_OPEN_AUDIO_DISCOVERY"),
             stream_stall_s=_env_float(env, "LLMUX_STREAM_STALL_S", 30),
+            shutdown_grace_s=_env_float(env, "LLMUX_SHUTDOWN_GRACE_S", 10),
         )

@@ -306,3 +306,24 @@ async def test_a_client_that_goes_away_cancels_the_generation_and_frees_the_mode
     await asyncio.wait_for(closing, 10)
     assert runner.cancelled.is_set() and runner.ended.is_set()
     assert world.in_flight() == 0
+
+
+async def test_shutdown_gives_generations_a_grace_then_cancels_them(world: World) -> None:
+    runner = world.script("Plain", *[f"t{i} " for i in range(1000)])
+    runner.step = threading.Semaphore(0)  # a generation that would run for as long as it is fed
+    session = await world.chat.start(request(stream=True))
+    body = session.stream()
+    runner.step.release(3)
+    while not runner.requests:
+        await asyncio.sleep(0.01)
+
+    stopping = asyncio.create_task(world.chat.stop(grace_s=0.2))
+    await asyncio.sleep(0.05)
+    assert not stopping.done() and not session.cancel.is_set()  # within the grace: untouched
+    await asyncio.wait_for(stopping, 5)
+    assert session.cancel.is_set()
+    runner.step.release(1000)
+    await asyncio.wait_for(world.residency.close(), 5)  # the model could be let go of
+    assert runner.cancelled.is_set()
+    assert [piece async for piece in body][-1].strip() == "data: [DONE]"
+    await session.close()

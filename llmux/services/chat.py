@@ -72,6 +72,7 @@ class ChatService:
         self._registry = registry
         self._residency = residency
         self._locks: dict[str, asyncio.Lock] = {}
+        self._holding: set[threading.Event] = set()  # the cancel events of sessions holding models
 
     async def start(self, body: ChatCompletionRequest) -> ChatSession:
         physical_id, physical, virtual = self._registry.require(body.model, "llm")
@@ -80,7 +81,29 @@ class ChatService:
         held = await stack.enter_async_context(self._residency.use(physical_id))
         runner = cast(ChatRunner, held)  # the registry said this model is an llm
         lock = self._locks.setdefault(physical_id, asyncio.Lock())
-        return ChatSession(body, prepared, runner, lock, stack)
+        session = ChatSession(body, prepared, runner, lock, stack)
+        self._holding.add(session.cancel)
+        stack.callback(self._holding.discard, session.cancel)
+        return session
+
+    async def stop(self, grace_s: float) -> None:
+        """For shutdown: give generations in progress `grace_s` to end, then cancel them (each
+        stops within a token), so that shutdown is bounded by the grace, not by max_tokens."""
+        if not self._holding:
+            return
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._residency.wait_until(
+                    lambda snapshot: all(m["in_flight"] == 0 for m in snapshot["models"])
+                )
+        except TimeoutError:
+            log.warning(
+                "shutdown: cancelling %d chat generation(s) still running after %.0f s",
+                len(self._holding),
+                grace_s,
+            )
+            for cancel in list(self._holding):
+                cancel.set()
 
 
 @dataclass
