@@ -580,6 +580,11 @@ class Residency:
         before = self._probe.used_bytes() if self._probe is not None else None
         runner.load()
         after = self._probe.used_bytes() if self._probe is not None else None
+        # A torch model counts its own tensors: torch's caching allocator may have put it into
+        # blocks another model freed, so the device reading alone can say it took nothing.
+        own = runner.device_bytes()
+        if own is not None:
+            return before, own
         if before is None or after is None:
             return before, None
         return before, max(0, after - before)

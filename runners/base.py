@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from llmux.core.errors import BadRequest, ModelUnavailable
 
@@ -35,6 +35,11 @@ class Runner(Protocol):
 
     def unload(self) -> None:
         """Drop every reference to the weights and return device memory."""
+
+    def device_bytes(self) -> int | None:
+        """GPU memory the loaded model holds by its backend's own count (torch: its parameters
+        and buffers on the device), or None where the backend cannot tell (llama.cpp, CTranslate2,
+        ONNX, or no GPU): the executor then reads the device before and after the load."""
 
 
 class ModelLoadError(ModelUnavailable):
@@ -136,3 +141,16 @@ def require_backend(physical_id: str, *modules: str) -> None:
                 f"Model {physical_id!r} needs the Python package {module!r}, which is not "
                 "installed; run `make setup` (or scripts/setup.sh)."
             )
+
+
+def torch_device_bytes(*modules: Any) -> int | None:
+    """Bytes of the parameters and buffers of `modules` that live on a CUDA device; None when
+    none do (a CPU load: nothing to count against the GPU budget, and no reading to correct)."""
+    total = 0
+    for module in modules:
+        if module is None:
+            continue
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.is_cuda:
+                total += tensor.numel() * tensor.element_size()
+    return total or None

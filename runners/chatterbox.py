@@ -31,6 +31,7 @@ from runners.base import (
     free_device_memory,
     require_backend,
     require_files,
+    torch_device_bytes,
 )
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,10 @@ class ChatterboxRunner:
             self._builtin = None
             self._cloned.clear()
         free_device_memory(self._on_cuda)
+
+    def device_bytes(self) -> int | None:
+        model = self._model
+        return None if model is None else torch_device_bytes(model.t3, model.s3gen, model.ve)
 
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
         """Synthesize `text`; blocks until this model's earlier requests are done.

@@ -30,6 +30,7 @@ from runners.base import (
     free_device_memory,
     require_backend,
     require_files,
+    torch_device_bytes,
 )
 
 if TYPE_CHECKING:
@@ -235,6 +236,9 @@ class TransformersEmbeddingRunner:
         on_cuda = loaded is not None and loaded.device == "cuda"
         del loaded
         free_device_memory(on_cuda)
+
+    def device_bytes(self) -> int | None:
+        return None if self._loaded is None else torch_device_bytes(self._loaded.model)
 
     def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
         loaded = self._loaded

@@ -81,6 +81,9 @@ class FasterWhisperRunner:
         # CTranslate2 frees device memory when the model object is collected; it has no cache.
         free_device_memory(on_cuda=False)
 
+    def device_bytes(self) -> int | None:
+        return None  # not torch: the executor reads the device around the load
+
     def transcribe(
         self,
         audio: np.ndarray,

@@ -103,6 +103,9 @@ class LlamaCppChatRunner:
         if llm is not None:
             llm.close()
 
+    def device_bytes(self) -> int | None:
+        return None  # not torch: the executor reads the device around the load
+
     def harmony_encoding(self) -> HarmonyEncoding | None:
         return None  # harmony output is parsed from its text, whose special tokens are kept
 

@@ -62,6 +62,9 @@ class PiperRunner:
     def unload(self) -> None:
         self._voice = None
 
+    def device_bytes(self) -> int | None:
+        return None  # not torch: the executor reads the device around the load
+
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
         """One Piper voice speaks `text`; `speed` scales phoneme length (2.0 = twice as fast)."""
         if self._voice is None:

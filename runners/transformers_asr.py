@@ -31,6 +31,7 @@ from runners.base import (
     free_device_memory,
     require_backend,
     require_files,
+    torch_device_bytes,
 )
 from runners.transcription import (
     SAMPLE_RATE,
@@ -175,6 +176,9 @@ class TransformersAsrRunner:
         self._model = None
         self._processor = None
         free_device_memory(on_gpu)
+
+    def device_bytes(self) -> int | None:
+        return torch_device_bytes(self._model)
 
     def transcribe(
         self,

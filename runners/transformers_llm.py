@@ -44,6 +44,7 @@ from runners.base import (
     require_backend,
     require_files,
     require_gguf,
+    torch_device_bytes,
 )
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
@@ -206,6 +207,9 @@ class TransformersChatRunner:
         on_cuda = loaded is not None and loaded.device.type == "cuda"
         del loaded
         free_device_memory(on_cuda)
+
+    def device_bytes(self) -> int | None:
+        return None if self._loaded is None else torch_device_bytes(self._loaded.model)
 
     def harmony_encoding(self) -> HarmonyEncoding | None:
         if not self._harmony_built:

@@ -78,6 +78,9 @@ class ScriptedRunner:
     def preflight(self) -> None:
         pass
 
+    def device_bytes(self) -> None:
+        return None
+
     def load(self) -> None:
         self.loaded = True
 

@@ -66,6 +66,9 @@ class FakeRunner:
         self.stage = stage
         self.taken = 0
 
+    def device_bytes(self) -> int | None:
+        return self.stage.own_bytes.get(self.physical_id) if self.taken else None
+
     def preflight(self) -> None:
         self.stage.preflights.append(self.physical_id)
         error = self.stage.preflight_failures.pop(self.physical_id, None)
@@ -86,12 +89,18 @@ class FakeRunner:
                 # A real device: the load fails part-way and gives back what it took.
                 raise OutOfDeviceMemory(f"CUDA out of memory loading {self.physical_id}")
             self.taken = taken
-            self.stage.move_device_memory(+self.taken)
+            # Loaded into blocks the caching allocator kept from another model: the device
+            # reading grows by less than the model takes.
+            self.stage.move_device_memory(
+                +self.taken - self.stage.hidden_bytes.get(self.physical_id, 0)
+            )
 
     def unload(self) -> None:
         with self.stage.active("unload", self.physical_id):
             self.stage.pass_gate(self.stage.unload_gates, self.physical_id)
-            self.stage.move_device_memory(-self.taken)
+            self.stage.move_device_memory(
+                -self.taken + self.stage.hidden_bytes.get(self.physical_id, 0)
+            )
             self.taken = 0
             error = self.stage.unload_failures.pop(self.physical_id, None)
             if error is not None:
@@ -114,6 +123,8 @@ class Stage:
         self.actual_bytes: dict[str, int] = {}
         self.device_used = 0
         self.capacity: int | None = None  # a device that runs out of memory when this is set
+        self.own_bytes: dict[str, int] = {}  # what a torch-like runner counts of its own tensors
+        self.hidden_bytes: dict[str, int] = {}  # of a load, what the device reading does not see
         self.max_active = 0
         self.residencies: list[Residency] = []
         self.tasks: list[asyncio.Task[Runner]] = []
@@ -575,6 +586,22 @@ async def test_a_reload_is_measured_again_and_the_footprint_follows_it(stage: St
     stage.actual_bytes["qwen-9b"] = 8 * GIB
     await within(use_once(residency, "qwen-9b"))
     assert model(residency.snapshot(), "qwen-9b")["measured_bytes"] == 8 * GIB
+
+
+async def test_a_torch_model_is_measured_by_its_own_tensors_not_the_device_reading(
+    stage: Stage,
+) -> None:
+    """Loaded into blocks torch's caching allocator kept from another model, a 9 GiB model moves
+    the device reading by nothing; its runner's own count is what plans use."""
+    residency = stage.residency(probe=FakeProbe(stage))
+    stage.hidden_bytes["qwen-9b"] = 9 * GIB
+    stage.own_bytes["qwen-9b"] = 9 * GIB
+    await within(use_once(residency, "qwen-9b"))
+    assert model(residency.snapshot(), "qwen-9b")["measured_bytes"] == 9 * GIB
+    # Without its own count (llama.cpp, say), the device reading is all there is.
+    stage.hidden_bytes["qwen-4b"] = 0
+    await within(use_once(residency, "qwen-4b"))
+    assert model(residency.snapshot(), "qwen-4b")["measured_bytes"] == 4 * GIB
 
 
 async def test_other_load_exceptions_become_a_model_load_error(stage: Stage) -> None:

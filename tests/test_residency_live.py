@@ -100,6 +100,9 @@ class FakeChat:
     def preflight(self) -> None:
         pass
 
+    def device_bytes(self) -> None:
+        return None
+
     def load(self) -> None:
         self.recorder.note("load", self.physical_id)
 
@@ -141,6 +144,9 @@ class FakeVoice:
     def preflight(self) -> None:
         pass
 
+    def device_bytes(self) -> None:
+        return None
+
     def load(self) -> None:
         self.recorder.note("load", self.physical_id)
 
@@ -163,6 +169,9 @@ class FakeEar:
 
     def preflight(self) -> None:
         pass
+
+    def device_bytes(self) -> None:
+        return None
 
     def load(self) -> None:
         self.recorder.note("load", self.physical_id)
