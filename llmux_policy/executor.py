@@ -185,6 +185,7 @@ class Residency:
         self._measured: dict[str, int] = {}
         self._loads: dict[str, int] = {}  # successful loads per model, for /health
         self._raised: dict[str, int] = {}  # estimates raised after out-of-memory loads
+        self._at_rest_bytes: int | None = None  # device use with no model resident
         self._load_errors: dict[str, LoadError] = {}  # the last failed load of each model
         self._llm_evicted_at: dict[str, float] = {}  # monotonic time each LLM was last replaced
         self._thrash_window_s = thrash_window_s
@@ -544,12 +545,13 @@ class Residency:
         of it stays registered and the runner has been asked to give back what it took.
         """
         started = time.monotonic()
+        alone = not self._entries  # nothing else resident: the reading before is llmux at rest
         entry = _Entry(physical_id, self._registry.physical_models[physical_id], runner)
         self._entries[physical_id] = entry
         self._metrics.resident_bytes(physical_id, self._footprint(physical_id))
         self._notify()
         try:
-            before, measured = await run_to_end(
+            before, measured, after = await run_to_end(
                 partial(self._load_and_measure, runner), executor=self._swap_thread
             )
         except BaseException as exc:
@@ -569,14 +571,35 @@ class Residency:
             self._measured[physical_id] = measured
             entry.baseline_bytes = before
             entry.device_changes_at_load = self._device_changes
+        if alone and before is not None:
+            self._at_rest_bytes = before
+        self._cover_device_use(physical_id, after)
         self._metrics.resident_bytes(physical_id, self._footprint(physical_id))
         entry.state = "ready"
         self._touch(entry)
         return entry
 
-    def _load_and_measure(self, runner: Runner) -> tuple[int | None, int | None]:
+    def _cover_device_use(self, physical_id: str, device_used: int | None) -> None:
+        """Keep the plans honest: the footprints of the resident models must add up to at least
+        what the device shows llmux using beyond its memory at rest. Whatever no footprint
+        accounts for (a torch model's count misses the caching allocator's slack, say) is added
+        to the model just loaded, the one that made it appear."""
+        if device_used is None or self._at_rest_bytes is None:
+            return
+        in_use = device_used - self._at_rest_bytes
+        counted = sum(self._footprint(other) for other in self._entries)
+        if in_use > counted:
+            self._measured[physical_id] = self._footprint(physical_id) + in_use - counted
+            log.info(
+                "%s: %.2f GiB in use on the device beyond the footprints; counted to it",
+                physical_id,
+                (in_use - counted) / GIB,
+            )
+
+    def _load_and_measure(self, runner: Runner) -> tuple[int | None, int | None, int | None]:
         """On a worker thread: load, reading device memory before and after when a probe can.
-        Returns (in use before, what the load took), each None without a reading."""
+        Returns (in use before, what the load took, in use after), each None without a
+        reading."""
         before = self._probe.used_bytes() if self._probe is not None else None
         runner.load()
         after = self._probe.used_bytes() if self._probe is not None else None
@@ -584,10 +607,10 @@ class Residency:
         # blocks another model freed, so the device reading alone can say it took nothing.
         own = runner.device_bytes()
         if own is not None:
-            return before, own
+            return before, own, after
         if before is None or after is None:
-            return before, None
-        return before, max(0, after - before)
+            return before, None, after
+        return before, max(0, after - before), after
 
     async def _discard(self, runner: Runner) -> None:
         """Best effort: let a runner whose load failed give back what the partial load took."""

@@ -604,6 +604,23 @@ async def test_a_torch_model_is_measured_by_its_own_tensors_not_the_device_readi
     assert model(residency.snapshot(), "qwen-4b")["measured_bytes"] == 4 * GIB
 
 
+async def test_measured_footprints_cover_what_the_device_shows_in_use(stage: Stage) -> None:
+    """A torch model's own count (4 GiB) misses what its load really took on the device (6 GiB:
+    the allocator's slack): the plans count the 6, so they never overfill the device."""
+    stage.device_used = GIB // 2  # llmux at rest: the CUDA context
+    residency = stage.residency(probe=FakeProbe(stage))
+    stage.actual_bytes["qwen-4b"] = 6 * GIB
+    stage.own_bytes["qwen-4b"] = 4 * GIB
+    await within(use_once(residency, "asr"))
+    holder = stage.holder(residency, "qwen-4b")  # its first request outlasts the next load,
+    await within(holder.inside.wait())
+    await within(use_once(residency, "tts"))  # so no first-use reading will correct it later
+    await holder.finish()
+    snapshot = residency.snapshot()
+    assert model(snapshot, "qwen-4b")["footprint_bytes"] == 6 * GIB
+    assert snapshot["used_bytes"] == stage.device_used - GIB // 2
+
+
 async def test_other_load_exceptions_become_a_model_load_error(stage: Stage) -> None:
     residency = stage.residency()
     cause = RuntimeError("CUDA out of memory")
