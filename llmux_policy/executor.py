@@ -81,6 +81,10 @@ from runners.base import ModelLoadError, OutOfDeviceMemory, Runner
 
 log = logging.getLogger(__name__)
 
+# Inference threads per model. Chat generations on one model take turns anyway; speech and
+# transcription may overlap a little; more threads would only compete for the same device.
+INFERENCE_THREADS = 4
+
 
 class ResidentInfo(TypedDict):
     physical_id: str
@@ -199,11 +203,23 @@ class Residency:
         # Loads, unloads and preflights run on a thread of their own: inference fills the default
         # pool (a burst of transcriptions), and a swap must never queue behind it.
         self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmux-swap")
+        self._inference: dict[str, ThreadPoolExecutor] = {}
         self._changed = asyncio.Event()
 
     @property
     def budget_bytes(self) -> int:
         return self._budget
+
+    def inference_threads(self, physical_id: str) -> ThreadPoolExecutor:
+        """The worker threads for `physical_id`'s inference: a small pool per model, so that a
+        burst of requests for one model (transcriptions, say) cannot take the threads another
+        model's requests, or the swaps, need."""
+        pool = self._inference.get(physical_id)
+        if pool is None:
+            pool = self._inference[physical_id] = ThreadPoolExecutor(
+                max_workers=INFERENCE_THREADS, thread_name_prefix=f"llmux-{physical_id}"
+            )
+        return pool
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -703,6 +719,8 @@ class Residency:
             finally:
                 self._mark_evicting(set(), marked)
         self._swap_thread.shutdown(wait=False)
+        for pool in self._inference.values():
+            pool.shutdown(wait=False)
 
 
 def _load_failed(physical_id: str, exc: Exception) -> ModelLoadError:

@@ -18,7 +18,7 @@ import pytest
 
 from llmux.core.config import Registry
 from llmux.core.errors import ModelNotFound, ModelUnavailable
-from llmux_policy.executor import Residency, ResidencySnapshot, ResidentInfo
+from llmux_policy.executor import INFERENCE_THREADS, Residency, ResidencySnapshot, ResidentInfo
 from llmux_policy.memory import (
     GPU_SAFETY_MARGIN_BYTES,
     NO_GPU_BUDGET_BYTES,
@@ -1005,3 +1005,21 @@ async def test_a_swap_does_not_queue_behind_inference_on_the_default_pool(stage:
         release.set()
         await asyncio.gather(*busy)
         pool.shutdown()
+
+
+async def test_each_model_has_inference_threads_of_its_own(stage: Stage) -> None:
+    """A burst of requests for one model (more than its threads) leaves another model's
+    requests their own threads."""
+    residency = stage.residency()
+    ears = residency.inference_threads("asr")
+    assert residency.inference_threads("asr") is ears
+    assert residency.inference_threads("tts") is not ears
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    burst = [loop.run_in_executor(ears, release.wait, 10) for _ in range(INFERENCE_THREADS + 2)]
+    try:
+        voice = residency.inference_threads("tts")
+        assert await within(loop.run_in_executor(voice, lambda: "spoken")) == "spoken"
+    finally:
+        release.set()
+        await asyncio.gather(*burst)

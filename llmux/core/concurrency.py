@@ -53,7 +53,10 @@ _DONE = object()
 
 
 async def iterate_in_thread(
-    produce: Callable[[], Iterator[T]], cancel: threading.Event
+    produce: Callable[[], Iterator[T]],
+    cancel: threading.Event,
+    *,
+    executor: Executor | None = None,
 ) -> AsyncIterator[T]:
     """A blocking generator run on a worker thread, as an async iterator.
 
@@ -76,7 +79,7 @@ async def iterate_in_thread(
         else:
             put(_DONE)
 
-    worker: Awaitable[None] = loop.run_in_executor(None, run)
+    worker: Awaitable[None] = loop.run_in_executor(executor, run)
     try:
         while True:
             item = await queue.get()

@@ -28,12 +28,13 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import cast
 
 import anyio
 
-from llmux.core.concurrency import iterate_in_thread
+from llmux.core.concurrency import iterate_in_thread, run_to_end
 from llmux.core.config import Registry
 from llmux.core.errors import ApiError, InternalError
 from llmux.parsers import ContentDelta, Event, ToolCallArgs, ToolCallStart, create_parser
@@ -81,7 +82,8 @@ class ChatService:
         held = await stack.enter_async_context(self._residency.use(physical_id))
         runner = cast(ChatRunner, held)  # the registry said this model is an llm
         lock = self._locks.setdefault(physical_id, asyncio.Lock())
-        session = ChatSession(body, prepared, runner, lock, stack)
+        threads = self._residency.inference_threads(physical_id)
+        session = ChatSession(body, prepared, runner, lock, stack, threads)
         self._holding.add(session.cancel)
         stack.callback(self._holding.discard, session.cancel)
         return session
@@ -113,6 +115,7 @@ class ChatSession:
     runner: ChatRunner
     lock: asyncio.Lock
     _stack: contextlib.AsyncExitStack
+    threads: Executor  # the model's inference threads
     cancel: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -130,7 +133,7 @@ class ChatSession:
         """Parsed output events, then one `Finished`."""
         prepared = self.prepared
         encoding = (
-            await asyncio.to_thread(self.runner.harmony_encoding)
+            await run_to_end(self.runner.harmony_encoding, executor=self.threads)
             if prepared.parser == "harmony"
             else None
         )
@@ -146,7 +149,9 @@ class ChatSession:
         saw_call = False
         async with self.lock:
             generation = iterate_in_thread(
-                lambda: self.runner.generate(prepared.generation, self.cancel), self.cancel
+                lambda: self.runner.generate(prepared.generation, self.cancel),
+                self.cancel,
+                executor=self.threads,
             )
             async for chunk in generation:
                 if chunk.finish_reason is not None:

@@ -24,7 +24,8 @@ async def embed(state: AppState, body: EmbeddingRequest) -> EmbeddingList:
     async with state.residency.use(physical_id) as held:
         runner = cast(EmbedRunner, held)
         refuse_other_dimensions(body, runner.dimensions)
-        result = await run_to_end(lambda: runner.embed(inputs))
+        threads = state.residency.inference_threads(physical_id)
+        result = await run_to_end(lambda: runner.embed(inputs), executor=threads)
     return embedding_list(result, body.model, body.encoding_format)
 
 

@@ -88,7 +88,8 @@ async def speak(state: AppState, body: SpeechRequest) -> EncodedAudio:
                 )
             return np.concatenate(audio) if audio else pause
 
-        samples = await run_to_end(speak_all, stop)
+        threads = state.residency.inference_threads(physical_id)
+        samples = await run_to_end(speak_all, stop, executor=threads)
         rate = runner.sample_rate
     if samples.size == 0:  # a model that said nothing still answers with playable audio
         samples = np.zeros(int(PAUSE_SECONDS * rate), dtype=np.float32)

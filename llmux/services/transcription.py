@@ -42,6 +42,7 @@ async def transcribe(state: AppState, form: TranscriptionRequest) -> Transcript:
                 cancel=cancel,
             ),
             cancel,
+            executor=state.residency.inference_threads(physical_id),
         )
 
 
