@@ -96,6 +96,7 @@ def completion_budget(
             f"The prompt is {prompt_tokens} tokens; {physical_id!r} has a context of "
             f"{context_length} tokens. Shorten the conversation.",
             param="messages",
+            code="context_length_exceeded",
         )
     return min(room, max_tokens) if max_tokens else room
 

@@ -59,6 +59,13 @@ class ChatRunner(Runner, Protocol):
     def render_prompt(self, request: GenerationRequest) -> str:
         """The prompt text the model will see (chat template applied), for checks and logs."""
 
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse now what `generate` would refuse: the prompt renders, fits the context with
+        room for an answer, its images and JSON schema can be used. Raises `BadRequest` (400,
+        naming the field; `context_length_exceeded` for a prompt too long). Blocking; called
+        before a response starts, so that a client's mistake is a 400 and not an error event
+        inside a 200 stream."""
+
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:

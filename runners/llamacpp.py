@@ -72,9 +72,8 @@ class LlamaCppChatRunner:
         vision = None
         if self.spec.mmproj_file:
             mmproj = self.weights / self.spec.mmproj_file
-            from llama_cpp.llama_chat_format import MTMDChatHandler
-
-            vision = MTMDChatHandler(clip_model_path=str(mmproj), verbose=False)
+            template = read_template(self.spec.chat_template) if self.spec.chat_template else None
+            vision = _vision_handler(mmproj, template)
         try:
             llm = Llama(
                 model_path=str(model_file),
@@ -113,14 +112,38 @@ class LlamaCppChatRunner:
 
     def render_prompt(self, request: GenerationRequest) -> str:
         llm, template = self._require()
-        return render(
-            template,
-            request.messages,
-            tools=request.tools,
-            bos_token=self._piece(llm.token_bos()),
-            eos_token=self._piece(llm.token_eos()),
-            template_kwargs=request.template_kwargs,
-        )
+        import jinja2
+
+        try:
+            return render(
+                template,
+                request.messages,
+                tools=request.tools,
+                bos_token=self._piece(llm.token_bos()),
+                eos_token=self._piece(llm.token_eos()),
+                template_kwargs=request.template_kwargs,
+            )
+        except jinja2.TemplateError as exc:  # raise_exception() in the template, a bad role...
+            raise BadRequest(
+                f"The chat template refused the messages: {exc}", param="messages"
+            ) from exc
+
+    def check(self, request: GenerationRequest) -> None:
+        llm, _ = self._require()
+        if request.images:
+            if self._vision is None:
+                raise BadRequest(
+                    f"{self.physical_id!r} has no mmproj_file, so it cannot see images.",
+                    param="messages",
+                )
+        else:
+            prompt = llm.tokenize(
+                self.render_prompt(request).encode("utf-8"), add_bos=False, special=True
+            )
+            completion_budget(
+                self.physical_id, self.context_length, len(prompt), request.max_tokens
+            )
+        self._grammar(request.json_schema)
 
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
@@ -178,30 +201,42 @@ class LlamaCppChatRunner:
                 f"{self.physical_id!r} has no mmproj_file, so it cannot see images.",
                 param="messages",
             )
-        stream = self._vision(
-            llama=llm,
-            messages=_with_image_urls(request),
-            tools=request.tools,
-            stream=True,
-            temperature=_or(request.temperature, DEFAULT_TEMPERATURE),
-            top_p=_or(request.top_p, DEFAULT_TOP_P),
-            seed=request.seed,
-            max_tokens=request.max_tokens,
-            grammar=self._grammar(request.json_schema),
-            **request.template_kwargs,
-        )
-        produced = 0
-        finish: Literal["stop", "length"] = "stop"
-        for chunk in stream:
-            if cancel.is_set():
-                break
-            choice = chunk["choices"][0]
-            text = choice["delta"].get("content") or ""
-            if text:
-                produced += 1  # the handler streams one token per chunk
-                yield GenerationChunk(text=text)
-            if choice.get("finish_reason") == "length":
-                finish = "length"
+        try:
+            stream = self._vision(
+                llama=llm,
+                messages=_with_image_urls(request),
+                tools=request.tools,
+                stream=True,
+                # The same sampling as the text path (OpenAI's semantics), not the handler's own
+                # defaults (top_k 40, min_p 0.05, repeat_penalty 1.1).
+                temperature=_or(request.temperature, DEFAULT_TEMPERATURE),
+                top_p=_or(request.top_p, DEFAULT_TOP_P),
+                top_k=0,
+                min_p=0.0,
+                repeat_penalty=1.0,
+                seed=request.seed,
+                max_tokens=request.max_tokens,
+                grammar=self._grammar(request.json_schema),
+                **request.template_kwargs,
+            )
+            pieces: list[str] = []
+            finish: Literal["stop", "length"] = "stop"
+            for chunk in stream:
+                if cancel.is_set():
+                    break
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") or ""
+                if text:
+                    pieces.append(text)
+                    yield GenerationChunk(text=text)
+                if choice.get("finish_reason") == "length":
+                    finish = "length"
+        except ValueError as exc:  # an image it cannot decode, a prompt over n_ctx
+            raise BadRequest(
+                f"The model cannot take this request: {exc}", param="messages"
+            ) from exc
+        # The handler streams text, not tokens: count the answer's tokens as the text path does.
+        produced = len(llm.tokenize("".join(pieces).encode("utf-8"), add_bos=False, special=True))
         yield GenerationChunk(
             finish_reason=finish, prompt_tokens=llm.n_tokens - produced, completion_tokens=produced
         )
@@ -256,3 +291,17 @@ def _with_image_urls(request: GenerationRequest) -> list[dict[str, Any]]:
             ]
         out.append({**message, "content": content})
     return out
+
+
+def _vision_handler(mmproj: Path, template: str | None) -> Any:
+    """llama-cpp-python's multimodal handler, rendering with `template` (the registry's
+    chat_template) instead of the GGUF's own when one is configured, as the text path does."""
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    class ConfiguredTemplate(MTMDChatHandler):
+        def _get_chat_template(self, llama_model: Any) -> str:
+            if template is not None:
+                return template
+            return str(super()._get_chat_template(llama_model))
+
+    return ConfiguredTemplate(clip_model_path=str(mmproj), verbose=False)

@@ -247,6 +247,18 @@ class TransformersChatRunner:
         assert isinstance(prompt, str)
         return prompt
 
+    def check(self, request: GenerationRequest) -> None:
+        loaded = self._require()
+        inputs = self._encode(loaded, self.render_prompt(request), request.images)
+        completion_budget(
+            self.physical_id,
+            self.context_length,
+            int(inputs["input_ids"].shape[1]),
+            request.max_tokens,
+        )
+        if request.json_schema is not None:
+            loaded.constraints.logits_processor(request.json_schema)
+
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:
@@ -421,6 +433,8 @@ def _open_image(data: bytes) -> Any:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
+    except Image.DecompressionBombError as exc:  # over ~179 Mpx: refused, not a 500
+        raise BadRequest(f"An image is too large: {exc}", param="messages") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise BadRequest(f"An image cannot be read: {exc}", param="messages") from exc
     return image

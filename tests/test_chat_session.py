@@ -94,6 +94,9 @@ class ScriptedRunner:
     def harmony_encoding(self) -> None:
         return None
 
+    def check(self, request: GenerationRequest) -> None:
+        pass
+
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:

@@ -115,6 +115,9 @@ class FakeChat:
     def harmony_encoding(self) -> None:
         return None
 
+    def check(self, request: GenerationRequest) -> None:
+        pass
+
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:

@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, Response
 from llmux.disconnects import HeldStreamingResponse, set_on_disconnect, unless_disconnected
 from llmux.services.chat import ChatSession
 from llmux.state import AppState
-from llmux.wire.chat import ChatCompletionRequest
+from llmux.wire.chat import ChatCompletionRequest, completion_json
 
 router = APIRouter()
 
@@ -31,4 +31,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     finally:
         watcher.cancel()
         await session.close()
-    return JSONResponse(completion.model_dump())
+    return JSONResponse(completion_json(completion))

@@ -77,12 +77,21 @@ class ChatService:
 
     async def start(self, body: ChatCompletionRequest) -> ChatSession:
         physical_id, physical, virtual = self._registry.require(body.model, "llm")
-        prepared = prepare_chat(body, physical_id, physical, virtual)
+        # Off the event loop: it decodes and checks images.
+        prepared = await asyncio.to_thread(prepare_chat, body, physical_id, physical, virtual)
         stack = contextlib.AsyncExitStack()
         held = await stack.enter_async_context(self._residency.use(physical_id))
         runner = cast(ChatRunner, held)  # the registry said this model is an llm
         lock = self._locks.setdefault(physical_id, asyncio.Lock())
         threads = self._residency.inference_threads(physical_id)
+        try:
+            # Everything a client can be told off for is checked before the answer starts. Not
+            # under the generation lock: rendering and tokenizing only read the model, and a
+            # mistake should not wait for another client's answer to be told.
+            await run_to_end(lambda: runner.check(prepared.generation), executor=threads)
+        except BaseException:
+            await stack.aclose()
+            raise
         session = ChatSession(body, prepared, runner, lock, stack, threads)
         self._holding.add(session.cancel)
         stack.callback(self._holding.discard, session.cancel)
@@ -137,6 +146,9 @@ class ChatSession:
             if prepared.parser == "harmony"
             else None
         )
+        if prepared.stop:
+            # Stop sequences cut the text; a parser reading token ids would read past the cut.
+            encoding = None
         parser = create_parser(
             prepared.parser,
             thinking=prepared.thinking,
@@ -148,6 +160,9 @@ class ChatSession:
         final = GenerationChunk()
         saw_call = False
         async with self.lock:
+            if self.cancel.is_set():  # the client left while this request waited its turn
+                yield Finished("stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
+                return
             generation = iterate_in_thread(
                 lambda: self.runner.generate(prepared.generation, self.cancel),
                 self.cancel,
@@ -161,6 +176,8 @@ class ChatSession:
                     self.cancel.set()  # the runner ends with its final chunk, which we still read
                 if prepared.forced_tool_call:
                     forced_text.append(text)
+                elif encoding is not None and not chunk.token_ids:
+                    continue  # a token reader takes ids; this is a decoder's flush (cut UTF-8)
                 elif text or (chunk.token_ids and not stops.stopped):
                     for event in parser.feed(text, chunk.token_ids):
                         saw_call = saw_call or isinstance(event, ToolCallStart)
@@ -176,9 +193,11 @@ class ChatSession:
             saw_call = saw_call or isinstance(event, ToolCallStart)
             yield event
         reason: FinishReason = "stop" if stops.stopped else (final.finish_reason or "stop")
+        if saw_call and reason != "length":  # a call cut off by max_tokens is not a call made
+            reason = "tool_calls"
         prompt, completion = final.prompt_tokens or 0, final.completion_tokens or 0
         yield Finished(
-            "tool_calls" if saw_call else reason,
+            reason,
             Usage(
                 prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
             ),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -49,15 +50,21 @@ def prepare_chat(
     physical: PhysicalModel,
     virtual: VirtualModel,
 ) -> PreparedChat:
-    parser = physical.output_parser(physical_id)
-    messages, images = _messages(request, physical)
+    family = physical.output_parser(physical_id)
+    messages, images = _messages(request, physical, family)
     if virtual.system_prompt and not any(m["role"] in ("system", "developer") for m in messages):
         messages.insert(0, {"role": "system", "content": virtual.system_prompt})
     tools, forced_schema = _tools(request, physical)
+    schema = forced_schema or _response_schema(request)
     kwargs = _template_kwargs(request, virtual)
-    if forced_schema is not None and "enable_thinking" in kwargs:
+    if schema is not None and family in ("qwen3.5", "qwen3"):
+        # Constrained output starts at the first token, so it must not land inside reasoning
+        # (it would be parsed as reasoning, leaving the content empty): thinking is off for it.
         kwargs["enable_thinking"] = False
-    thinking = parser in ("qwen3.5", "qwen3") and bool(kwargs.get("enable_thinking", True))
+    thinking = family in ("qwen3.5", "qwen3") and bool(kwargs.get("enable_thinking", True))
+    # gpt-oss's constrained output is the JSON alone, with no channel markers to read, and its
+    # special tokens (the closing <|return|>) must not join it: it is parsed as plain content.
+    parser: ParserName = "plain" if schema is not None and family == "harmony" else family
     generation = GenerationRequest(
         messages=messages,
         images=images,
@@ -67,7 +74,7 @@ def prepare_chat(
         temperature=virtual.temperature if request.temperature is None else request.temperature,
         top_p=request.top_p,
         seed=request.seed,
-        json_schema=forced_schema or _response_schema(request),
+        json_schema=schema,
         keep_special_tokens=parser == "harmony",
     )
     return PreparedChat(
@@ -84,13 +91,20 @@ def _template_kwargs(request: ChatCompletionRequest, virtual: VirtualModel) -> d
 
 
 def _messages(
-    request: ChatCompletionRequest, physical: PhysicalModel
+    request: ChatCompletionRequest, physical: PhysicalModel, family: ParserName
 ) -> tuple[list[dict[str, Any]], list[bytes]]:
     images: list[bytes] = []
     messages: list[dict[str, Any]] = []
     for i, message in enumerate(request.messages):
-        out: dict[str, Any] = {"role": message.role}
-        if isinstance(message.content, list):
+        # Only harmony (gpt-oss) has a developer role; the other templates know it as system.
+        role = "system" if message.role == "developer" and family != "harmony" else message.role
+        out: dict[str, Any] = {"role": role}
+        texts = [p.text for p in message.content or [] if isinstance(p, TextPart)]
+        if isinstance(message.content, list) and len(texts) == len(message.content):
+            # Text parts alone mean their text joined (OpenAI's reading); templates that
+            # concatenate strings (gpt-oss's) cannot take a list.
+            out["content"] = "".join(texts)
+        elif isinstance(message.content, list):
             parts: list[dict[str, Any]] = []
             for j, part in enumerate(message.content):
                 if isinstance(part, TextPart):
@@ -108,6 +122,11 @@ def _messages(
             out["content"] = message.content or ""
         if message.tool_calls:
             out["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+        reasoning = message.reasoning_content or message.reasoning
+        if message.role == "assistant" and reasoning:
+            # Back to the template, under the names templates read: Qwen's reasoning_content,
+            # gpt-oss's thinking (its chain of thought between tool calls).
+            out["reasoning_content"] = out["thinking"] = reasoning
         if message.tool_call_id:
             out["tool_call_id"] = message.tool_call_id
         if message.name:
@@ -134,9 +153,31 @@ def _decode_data_uri(url: str, param: str) -> bytes:
     if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
         raise BadRequest(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MB.", param=param)
     try:
-        return base64.b64decode(payload, validate=True)
+        data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("The image data URI is not valid base64.", param=param) from None
+    _check_image(data, param)
+    return data
+
+
+def _check_image(data: bytes, param: str) -> None:
+    """The bytes are an image PIL can read, of at most PIL's pixel limit (~179 Mpx): checked
+    here, before any byte of an answer, instead of failing inside the model's processor."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Image.DecompressionBombError:
+        raise BadRequest(
+            f"The image has more than {Image.MAX_IMAGE_PIXELS} pixels; send a smaller one.",
+            param=param,
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise BadRequest(
+            "The image data is not an image this server can read (PNG, JPEG, WebP, GIF).",
+            param=param,
+        ) from None
 
 
 def _tools(

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 
 class StopFilter:
+    """Cuts streamed text at the first stop sequence. Per piece of text it looks only at what is
+    held (shorter than the longest stop) plus the new text, so its cost does not grow with the
+    answer; stops are bounded in number and length by the request's validation."""
+
     def __init__(self, stops: list[str]) -> None:
         self._stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self.stopped = False
 
@@ -23,13 +28,21 @@ class StopFilter:
             self.stopped = True
             out, self._held = self._held[:cut], ""
             return out
-        keep = max(
-            (n for s in self._stops for n in range(1, len(s)) if self._held.endswith(s[:n])),
-            default=0,
-        )
+        keep = self._longest_partial_stop()
         out = self._held[: len(self._held) - keep]
         self._held = self._held[len(out) :]
         return out
+
+    def _longest_partial_stop(self) -> int:
+        """The length of the longest end of the held text that a stop sequence starts with."""
+        held = self._held
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(held)), best, -1):
+                if held.endswith(stop[:n]):
+                    best = n
+                    break
+        return best
 
     def flush(self) -> str:
         out, self._held = ("" if self.stopped else self._held), ""

@@ -24,6 +24,9 @@ from llmux.parsers import (
 from llmux.wire.base import OpenAIBaseModel
 
 MAX_STOP_SEQUENCES = 4
+# Stop sequences are matched against every token's text on the event loop: a bound on their
+# length keeps that cheap (a few 200,000-character stops once froze the server).
+MAX_STOP_CHARS = 256
 
 
 class TextPart(OpenAIBaseModel):
@@ -61,6 +64,10 @@ class ChatMessage(OpenAIBaseModel):
     name: str | None = None
     tool_calls: list[AssistantToolCall] | None = None
     tool_call_id: str | None = None
+    # An earlier assistant turn's reasoning, as this server (and vLLM, Open WebUI) sends it back:
+    # gpt-oss expects its chain of thought again between tool calls.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class FunctionDef(OpenAIBaseModel):
@@ -119,6 +126,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     reasoning_effort: Literal["low", "medium", "high"] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
     @field_validator("n")
     @classmethod
@@ -132,7 +141,17 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
         if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        for one in [stop] if isinstance(stop, str) else stop or []:
+            if len(one) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters")
         return stop
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise ValueError("logprobs are not supported by this server; leave them unset")
+        return value
 
     @property
     def stop_sequences(self) -> list[str]:
@@ -281,10 +300,26 @@ def delta_from_event(event: Event) -> Delta:
 
 
 def sse_event(chunk: ChatCompletionChunk | dict[str, Any]) -> str:
-    """One server-sent event; a dict is sent as it is (the error envelope)."""
+    """One server-sent event; a dict is sent as it is (the error envelope). Fields a chunk does
+    not use are left out, except each choice's `finish_reason` and `logprobs`, which OpenAI
+    always sends (null until the last chunk) and some clients read."""
     if isinstance(chunk, dict):
         return f"data: {json.dumps(chunk)}\n\n"
-    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+    data = chunk.model_dump(exclude_none=True)
+    for choice in data["choices"]:
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def completion_json(completion: ChatCompletion) -> dict[str, Any]:
+    """A whole answer as OpenAI sends it: absent fields left out (no null `reasoning` or tool
+    call `index`), but `message.content` and each choice's `logprobs` always there."""
+    data = completion.model_dump(exclude_none=True)
+    for choice, model in zip(data["choices"], completion.choices):
+        choice["message"]["content"] = model.message.content
+        choice["logprobs"] = None
+    return data
 
 
 SSE_DONE = "data: [DONE]\n\n"
