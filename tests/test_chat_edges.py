@@ -456,3 +456,22 @@ def test_the_llama_cpp_image_path_renders_with_the_registry_template(tmp_path: P
     gguf = type("Gguf", (), {"metadata": {"tokenizer.chat_template": "the GGUF's own"}})()
     assert _vision_handler(clip, "configured")._get_chat_template(gguf) == "configured"
     assert _vision_handler(clip, None)._get_chat_template(gguf) == "the GGUF's own"
+
+
+def test_an_unexpected_error_mid_stream_ends_it_with_an_error_event_and_done(
+    http: TestClient, world: World
+) -> None:
+    runner = world.script("Qwen25", "Hel")
+    original = runner.generate
+
+    def failing(request: GenerationRequest, cancel: threading.Event) -> Iterator[GenerationChunk]:
+        yield from list(original(request, cancel))[:1]
+        raise RuntimeError("the backend broke")
+
+    runner.generate = failing  # type: ignore[method-assign]
+    text = post(http, model="Qwen25", messages=HI, stream=True).text
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "backend broke" not in error["message"]
+    assert all(m["in_flight"] == 0 for m in world.residency.snapshot()["models"])
