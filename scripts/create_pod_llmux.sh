@@ -145,6 +145,18 @@ fi
 nvidia-container-toolkit && sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml \
 (again after every driver upgrade); check with: nvidia-ctk cdi list"
 
+# The GPU inside a container, tried before anything is created: podman 4.3's `create` does not
+# resolve CDI devices, so a CDI spec this podman cannot use (nvidia-container-toolkit 1.17+ writes
+# spec version 0.8; see docs/deploy.md for the version to hold) would otherwise fail only when
+# systemd starts the unit.
+if ((!problems)) || ((dry_run)); then
+  if ! probe 0 podman run --rm --device nvidia.com/gpu=all "$image" nvidia-smi -L; then
+    need "a container from ${image} cannot see the GPU (podman run --device nvidia.com/gpu=all \
+... nvidia-smi -L failed). Regenerate the CDI spec with the nvidia-container-toolkit version \
+docs/deploy.md holds (sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml), then try again."
+  fi
+fi
+
 if ((problems)); then
   printf '(dry run: a real run would stop at the %d problem(s) above)\n\n' "$problems" >&2
 fi
@@ -186,6 +198,17 @@ if ((!pod_exists)); then
 fi
 
 # --- systemd user units -----------------------------------------------------------------------
+# with_restart_sec UNIT: wait 10 s between restarts (the generated units retry within a second,
+# which at boot races the GPU's device nodes and uses up systemd's start limit).
+with_restart_sec() {
+  grep -q '^RestartSec=' "$1" && return
+  if grep -q '^\[Service\]' "$1"; then
+    sed -i 's/^\[Service\]$/[Service]\nRestartSec=10/' "$1"
+  else
+    printf '\n[Service]\nRestartSec=10\n' >>"$1"
+  fi
+}
+
 # Generated from the pod's recorded create commands; --new makes every start create the pod and
 # container afresh (and every stop remove them), so a restart picks up a rebuilt image. They are
 # generated only for a pod made here (or when missing), so an existing setup is left unchanged.
@@ -208,7 +231,10 @@ if ((created)) || [[ ! -f ${unit_dir}/${POD_UNIT} || ! -f ${unit_dir}/${CTR_UNIT
       changed=1
     elif [[ ! -f ${gen_dir}/${unit} ]]; then
       die "podman generate systemd did not write ${unit} (it wrote: $(ls "$gen_dir"))"
-    elif ! cmp -s "${gen_dir}/${unit}" "${unit_dir}/${unit}"; then
+    else
+      with_restart_sec "${gen_dir}/${unit}"
+    fi
+    if ((!dry_run)) && ! cmp -s "${gen_dir}/${unit}" "${unit_dir}/${unit}"; then
       install -m 0644 "${gen_dir}/${unit}" "${unit_dir}/${unit}"
       echo "Installed ${unit_dir}/${unit}"
       changed=1
@@ -240,6 +266,14 @@ if ((wait_health)); then
     printf 'Waiting up to %ss for %s ' "$health_timeout" "$HEALTH_URL"
     start=$SECONDS
     until curl --fail --silent --show-error --max-time 5 "$HEALTH_URL" >/dev/null 2>&1; do
+      for unit in "$CTR_UNIT" "$POD_UNIT"; do
+        if systemctl --user is-failed --quiet "$unit"; then
+          echo
+          journalctl --user -u "$unit" -n 40 --no-pager >&2 || true
+          die "${unit} failed (its last log lines are above); llmux will not answer. \
+Fix the cause, then: systemctl --user restart ${POD_UNIT}"
+        fi
+      done
       if ((SECONDS - start >= health_timeout)); then
         echo
         die "llmux did not answer ${HEALTH_URL} within ${health_timeout}s. Look at: \

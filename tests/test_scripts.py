@@ -24,7 +24,7 @@ SCRIPTS = ROOT / "scripts"
 FAKES = Path(__file__).resolve().parent / "fakes"
 REGISTRY = ROOT / "config" / "models.yaml"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-FAKE_NAMES = ("podman", "systemctl", "curl", "hf", "nvidia-ctk", "loginctl")
+FAKE_NAMES = ("podman", "systemctl", "curl", "hf", "nvidia-ctk", "loginctl", "journalctl")
 
 IMAGE = "localhost/llmux:latest"
 POD_UNIT = "pod-llmux_pod.service"
@@ -407,6 +407,38 @@ def test_health_timeout_says_where_to_look(pod_host: Host) -> None:
     assert result.returncode == 1
     assert "did not answer http://127.0.0.1:8081/health within 0s" in result.stderr
     assert f"journalctl --user -u {CTR_UNIT}" in result.stderr
+
+
+def test_a_failed_unit_stops_the_health_wait_and_shows_its_journal(pod_host: Host) -> None:
+    pod_host.set_state("unhealthy")
+    pod_host.set_state(f"failed.{CTR_UNIT}")
+    pod_host.env["LLMUX_HEALTH_TIMEOUT"] = "600"  # it must not wait these out
+    result = pod_host.run("create_pod_llmux.sh")
+    assert result.returncode == 1
+    assert f"{CTR_UNIT} failed" in result.stderr
+    assert "fake journal: Error: unresolvable CDI devices" in result.stderr
+    assert only(pod_host.calls(), "journalctl") == [
+        ["journalctl", "--user", "-u", CTR_UNIT, "-n", "40", "--no-pager"]
+    ]
+
+
+def test_a_gpu_the_container_cannot_see_stops_before_anything_is_created(pod_host: Host) -> None:
+    pod_host.set_state("no-gpu")
+    result = pod_host.run("create_pod_llmux.sh")
+    assert result.returncode == 1
+    assert "cannot see the GPU" in result.stderr and "nvidia-ctk cdi generate" in result.stderr
+    calls = pod_host.calls()
+    assert only(calls, "podman", "run") == [
+        ["podman", "run", "--rm", "--device", "nvidia.com/gpu=all", IMAGE, "nvidia-smi", "-L"]
+    ]
+    assert only(calls, "podman", "pod", "create") == [] and only(calls, "systemctl") == []
+
+
+def test_the_installed_units_wait_between_restarts(pod_host: Host) -> None:
+    result = pod_host.run("create_pod_llmux.sh")
+    assert result.returncode == 0, result.stderr
+    for unit in (POD_UNIT, CTR_UNIT):
+        assert "[Service]\nRestartSec=10\n" in (pod_host.units / unit).read_text()
 
 
 def test_no_wait_skips_the_health_check(pod_host: Host) -> None:
