@@ -55,7 +55,7 @@ if ! "$venv/bin/python" -c 'import torch, sys; sys.exit(not torch.__version__.st
 fi
 
 step "installing requirements"
-requirements=(-r requirements.txt)
+requirements=(-r requirements.txt -r requirements-local.txt)
 [[ $dev == 1 ]] && requirements+=(-r requirements-dev.txt)
 "${pip[@]}" install -q "${requirements[@]}" torch==2.13.0
 

