@@ -147,6 +147,10 @@ while IFS=$'\t' read -r -u 3 id repo dir hf_args; do
     if ((${#missing[@]})); then
       printf 'error: %s: hf finished but %s is missing\n' "$id" "${missing[*]}" >&2
       failed+=("$id")
+    elif [[ ${args[0]:-} == --exclude ]] && ! "$python" "${script_dir}/download_plan.py" --verify "$dir"; then
+      # A whole repository (transformers weights): config.json, the weights, every indexed shard.
+      printf 'error: %s: the download is incomplete (above); run again to resume.\n' "$id" >&2
+      failed+=("$id")
     else
       printf '%s\n' "$want" >"${dir}/${MARKER}"
       printf '[%d/%d] %s: done (%s)\n' "$n" "$total" "$id" "$(du -sh "$dir" | cut -f1)"

@@ -17,6 +17,7 @@ models exist.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -140,14 +141,53 @@ def plan(config: Path, models_dir: Path, only: list[str]) -> tuple[list[str], li
     return lines, notes
 
 
+def weight_problems(directory: Path) -> list[str]:
+    """What is wrong with a whole-repository download of transformers weights: no config.json,
+    no weights, a weight file that is empty, or a shard the safetensors index names but the
+    directory lacks (what an interrupted or filtered download leaves)."""
+    problems = []
+    if not (directory / "config.json").is_file():
+        problems.append("config.json is missing")
+    weights = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
+    if not weights:
+        problems.append("no *.safetensors (or *.bin) weights")
+    problems += [f"{w.name} is empty" for w in weights if w.stat().st_size == 0]
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            problems.append(f"{index.name} is not a safetensors index")
+        else:
+            problems += [
+                f"{name} (listed in {index.name}) is missing"
+                for name in sorted(shards)
+                if not (directory / name).is_file()
+            ]
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, required=True, help="models.yaml to read")
-    parser.add_argument("--models-dir", type=Path, required=True, help="host weights directory")
+    parser.add_argument("--config", type=Path, help="models.yaml to read")
+    parser.add_argument("--models-dir", type=Path, help="host weights directory")
     parser.add_argument(
         "--only", action="append", default=[], metavar="ID", help="only this physical model"
     )
+    parser.add_argument(
+        "--verify",
+        type=Path,
+        metavar="DIR",
+        help="instead of planning: check a whole-repository download in DIR (exit 1 if bad)",
+    )
     args = parser.parse_args(argv)
+    if args.verify is not None:
+        problems = weight_problems(args.verify)
+        for problem in problems:
+            print(f"{args.verify}: {problem}", file=sys.stderr)
+        return 1 if problems else 0
+    if args.config is None or args.models_dir is None:
+        parser.error("--config and --models-dir are required to plan")
     try:
         lines, notes = plan(args.config, args.models_dir, args.only)
     except PlanError as exc:

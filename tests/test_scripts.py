@@ -578,6 +578,19 @@ def test_gated_model_fails_with_what_to_do_and_the_rest_still_downloads(dl_host:
     assert list(hf_downloads(dl_host)) == ["cohere-transcribe"]
 
 
+def test_an_incomplete_whole_repository_is_not_marked_complete(dl_host: Host) -> None:
+    dl_host.set_state("interrupted", "Qwen/Qwen3.5-4B\n")
+    result = dl_host.run("download_models.sh")
+    assert result.returncode == 1
+    assert (
+        "model-00002-of-00002.safetensors (listed in model.safetensors.index.json) is missing"
+        in (result.stderr)
+    )
+    assert "qwen3.5-4b: the download is incomplete" in result.stderr
+    assert not (dl_host.models / "qwen3.5-4b" / ".llmux-download-complete").exists()
+    assert (dl_host.models / "qwen3.5-9b-fp8" / ".llmux-download-complete").exists()  # others go on
+
+
 def test_changed_gguf_file_is_fetched_again(dl_host: Host) -> None:
     assert dl_host.run("download_models.sh").returncode == 0
     registry = dl_host.config / "models.yaml"
