@@ -92,6 +92,17 @@ plan=$("$python" "${script_dir}/download_plan.py" "${plan_args[@]}") || die "can
 mkdir -p "$models_dir"
 printf 'Registry: %s\nWeights:  %s (free: %s)\n\n' "$config" "$models_dir" \
   "$(df -h --output=avail "$models_dir" 2>/dev/null | tail -n 1 | tr -d ' ')"
+# Disk space against the plan, before anything is fetched: the declared footprints of the models
+# still missing are a lower bound of their size on disk.
+need=$("$python" "${script_dir}/download_plan.py" "${plan_args[@]}" --need-gb)
+# LLMUX_FREE_KB stands in for the reading (tests; a disk df misreports).
+free_kb=${LLMUX_FREE_KB:-$(df -k --output=avail "$models_dir" 2>/dev/null | tail -n 1 | tr -d ' ')}
+if ((!dry_run)) && [[ $free_kb =~ ^[0-9]+$ ]] &&
+  "$python" -c "import sys; sys.exit(not float('$need') * 1024**2 > $free_kb)"; then
+  die "the models still to download need at least ${need} GB, and ${models_dir} has \
+$((free_kb / 1024 / 1024)) GB free. Free space, or pass --models-dir DIR on a larger disk \
+(--only ID fetches one model at a time)."
+fi
 
 is_forced() {
   local id=$1 f

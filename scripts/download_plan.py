@@ -141,6 +141,18 @@ def plan(config: Path, models_dir: Path, only: list[str]) -> tuple[list[str], li
     return lines, notes
 
 
+def need_gb(config: Path, lines: list[str]) -> float:
+    """The declared GPU footprints (estimated_vram_gb) of the planned models that have no
+    completion marker yet: weights on disk are at least that large."""
+    physical = yaml.safe_load(config.read_text(encoding="utf-8"))["physical_models"]
+    total = 0.0
+    for line in lines:
+        physical_id, _, target, _ = line.split("\t")
+        if not (Path(target) / ".llmux-download-complete").is_file():
+            total += float(physical[physical_id].get("estimated_vram_gb") or 0)
+    return total
+
+
 def weight_problems(directory: Path) -> list[str]:
     """What is wrong with a whole-repository download of transformers weights: no config.json,
     no weights, a weight file that is empty, or a shard the safetensors index names but the
@@ -175,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", action="append", default=[], metavar="ID", help="only this physical model"
     )
     parser.add_argument(
+        "--need-gb",
+        action="store_true",
+        help="instead of planning: print the GB still to download (the declared footprints of "
+        "the planned models not yet complete, a lower bound of their size on disk)",
+    )
+    parser.add_argument(
         "--verify",
         type=Path,
         metavar="DIR",
@@ -193,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     except PlanError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.need_gb:
+        print(f"{need_gb(args.config, lines):.1f}")
+        return 0
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for line in lines:

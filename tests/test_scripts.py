@@ -591,6 +591,14 @@ def test_an_incomplete_whole_repository_is_not_marked_complete(dl_host: Host) ->
     assert (dl_host.models / "qwen3.5-9b-fp8" / ".llmux-download-complete").exists()  # others go on
 
 
+def test_too_little_disk_stops_before_any_download(dl_host: Host) -> None:
+    dl_host.env["LLMUX_FREE_KB"] = str(20 * 1024 * 1024)  # 20 GB free; the registry needs more
+    result = dl_host.run("download_models.sh")
+    assert result.returncode == 1
+    assert "need at least" in result.stderr and "20 GB free" in result.stderr
+    assert hf_downloads(dl_host) == {}
+
+
 def test_changed_gguf_file_is_fetched_again(dl_host: Host) -> None:
     assert dl_host.run("download_models.sh").returncode == 0
     registry = dl_host.config / "models.yaml"
