@@ -475,3 +475,44 @@ def test_an_unexpected_error_mid_stream_ends_it_with_an_error_event_and_done(
     error = json.loads(events[-2])["error"]
     assert error["type"] == "server_error" and "backend broke" not in error["message"]
     assert all(m["in_flight"] == 0 for m in world.residency.snapshot()["models"])
+
+
+def test_the_llama_cpp_image_path_samples_and_counts_like_the_text_path() -> None:
+    """MTMDChatHandler's own defaults are top_k 40, min_p 0.05, repeat_penalty 1.1; the image
+    path passes the text path's (OpenAI's) and counts the answer's tokens, not its chunks."""
+    from llmux.core.config import PhysicalModel
+    from runners.llamacpp import LlamaCppChatRunner
+
+    seen: dict[str, Any] = {}
+
+    class Handler:
+        def __call__(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+            seen.update(kwargs)
+            for text in ("Hello", " there", ""):  # two chunks, more tokens
+                yield {"choices": [{"delta": {"content": text}, "finish_reason": None}]}
+
+    class Llm:
+        n_tokens = 20
+
+        def tokenize(self, data: bytes, add_bos: bool, special: bool) -> list[int]:
+            return list(range(len(data.split()) * 2))  # two tokens a word
+
+    spec = PhysicalModel(
+        type="llm",
+        backend="llamacpp",
+        model_file="m.gguf",
+        mmproj_file="p.gguf",
+        estimated_vram_gb=1,
+    )
+    runner = LlamaCppChatRunner("m", spec, Path("/nowhere"))
+    runner._llm, runner._template, runner._vision = Llm(), object(), Handler()  # type: ignore[assignment]
+    png = io.BytesIO()
+    from PIL import Image
+
+    Image.new("RGB", (2, 2)).save(png, format="PNG")
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": [{"type": "image"}]}], images=[png.getvalue()]
+    )
+    chunks = list(runner.generate(request, threading.Event()))
+    assert (seen["top_k"], seen["min_p"], seen["repeat_penalty"]) == (0, 0.0, 1.0)
+    assert chunks[-1].completion_tokens == 4  # "Hello there": two words, two tokens each
