@@ -242,7 +242,7 @@ def test_runner_generates_one_at_a_time_and_keeps_each_voice(
 
     monkeypatch.setitem(chatterbox.CHATTERBOX_CLASSES, "original", lambda: RecordingModel)
     for name in chatterbox.REQUIRED_FILES["original"]:
-        (tmp_path / name).write_bytes(b"")
+        (tmp_path / name).write_bytes(b"stand-in weights")  # not empty: preflight checks
     clip = tmp_path / "anna.wav"
     clip.write_bytes(b"")
     spec = PhysicalModel(type="tts", backend="chatterbox", variant="original", estimated_vram_gb=2)
