@@ -6,6 +6,7 @@ its parent process too, and a bad config should stop start-up there, early and c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from llmux.middleware import (
     RequestContextMiddleware,
     error_response,
 )
-from llmux.routes import chat, embeddings, health, models, speech, transcriptions
+from llmux.routes import admin, chat, embeddings, health, models, speech, transcriptions
 from llmux.services.chat import ChatService
 from llmux.settings import Settings
 from llmux.state import AppState
@@ -88,7 +89,25 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        background = []
+        if state.registry.preload:
+            background.append(
+                asyncio.create_task(
+                    state.residency.preload(state.registry.preload), name="llmux-preload"
+                )
+            )
+        ttls = [state.registry.idle_ttl(pid) for pid in state.registry.physical_models]
+        shortest = min((ttl for ttl in ttls if ttl is not None), default=None)
+        if shortest is not None:
+            background.append(
+                asyncio.create_task(
+                    state.residency.unload_idle(every_s=max(0.05, shortest / 4)), name="llmux-idle"
+                )
+            )
         yield
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         # Bounded: generations get LLMUX_SHUTDOWN_GRACE_S, then are cancelled; then every model
         # is unloaded once its requests have let go.
         await state.chat.stop(grace_s=state.settings.shutdown_grace_s)
@@ -109,6 +128,7 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     app.include_router(transcriptions.router)
     app.include_router(speech.router)
     app.include_router(embeddings.router)
+    app.include_router(admin.router)
     _install_fallback_routes(app)
 
     # Added innermost first: CORS answers preflights before auth; the request id wraps everything.
@@ -175,6 +195,9 @@ def _install_fallback_routes(app: FastAPI) -> None:
         )
 
     app.add_api_route("/v1/{rest:path}", not_routed, methods=HTTP_METHODS, include_in_schema=False)
+    app.add_api_route(
+        "/admin/{rest:path}", not_routed, methods=HTTP_METHODS, include_in_schema=False
+    )
     for path in BENTOML_PAGES:
         app.add_api_route(path, not_routed, methods=HTTP_METHODS, include_in_schema=False)
 

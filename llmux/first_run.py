@@ -22,7 +22,8 @@ def ensure_local_key(settings: Settings) -> str | None:
     if not settings.embedded or path.exists():
         return None
     try:
-        key = write_key_file(path, [CLIENT])[CLIENT]
+        # An admin key: the embedded default's user is its operator too (`llmux ps`, `unload`).
+        key = write_key_file(path, [], admins=[CLIENT])[CLIENT]
     except FileExistsError:  # another process (BentoML's worker) made it first
         return None
     host = os.environ.get("BENTOML_HOST", "127.0.0.1")
@@ -38,4 +39,6 @@ It is reused on every later start. Try it:
   client = OpenAI(base_url="{base}/v1", api_key="{key}")
   print(client.chat.completions.create(model="Qwen2.5-Coder-0.5B",
         messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)
+
+  .venv/bin/llmux ps      # what is on the GPU (the key is an admin key: llmux load/unload too)
 """

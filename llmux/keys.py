@@ -1,4 +1,7 @@
-"""API keys: one per client, in `api_keys.yaml` (a list of `{key, name}`).
+"""API keys: one per client, in `api_keys.yaml` (a list of `{key, name, role}`).
+
+A key's role is `client` (the default: every `/v1/*` route) or `admin` (also `/admin/*`: loading
+and unloading models, for the operator and the `llmux` command).
 
 Keys are compared in constant time and never logged; logs name the client. `python -m llmux.keys`
 generates keys for named clients.
@@ -14,6 +17,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +37,9 @@ class ApiKeyEntry(BaseModel):
 
     key: str = Field(min_length=16, description="The secret a client sends as a Bearer token.")
     name: str = Field(min_length=1, description="The client, as logs name it.")
+    role: Literal["client", "admin"] = Field(
+        "client", description="client: /v1/* only; admin: /v1/* and /admin/* (load, unload)."
+    )
 
 
 class ApiKeysFile(BaseModel):
@@ -52,6 +59,7 @@ class KeyRing:
 
     _digests: tuple[tuple[bytes, str], ...]
     path: Path
+    admins: frozenset[str] = frozenset()  # the names of the clients whose keys are admin keys
 
     @property
     def empty(self) -> bool:
@@ -83,22 +91,32 @@ class KeyRing:
         keys = [entry.key for entry in parsed.api_keys]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"{path}: api_keys: the same key is listed twice")
-        return cls(tuple((_digest(e.key), e.name) for e in parsed.api_keys), path)
+        return cls(
+            tuple((_digest(e.key), e.name) for e in parsed.api_keys),
+            path,
+            frozenset(e.name for e in parsed.api_keys if e.role == "admin"),
+        )
 
 
 def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def write_key_file(path: Path, clients: list[str], *, force: bool = False) -> dict[str, str]:
-    """Write a fresh key per client to `path` with mode 0600; refuse to overwrite unless `force`."""
-    if len(set(clients)) != len(clients):
+def write_key_file(
+    path: Path, clients: list[str], *, force: bool = False, admins: list[str] | None = None
+) -> dict[str, str]:
+    """Write a fresh key per client to `path` with mode 0600; refuse to overwrite unless `force`.
+    The clients named in `admins` (also given keys) get admin keys."""
+    admins = admins or []
+    names = [*clients, *admins]
+    if len(set(names)) != len(names):
         raise ValueError("client names must be unique")
-    keys = {client: new_key() for client in clients}
-    text = yaml.safe_dump(
-        {"api_keys": [{"key": key, "name": client} for client, key in keys.items()]},
-        sort_keys=False,
-    )
+    keys = {client: new_key() for client in names}
+    entries: list[dict[str, str]] = [
+        {"key": key, "name": client, **({"role": "admin"} if client in admins else {})}
+        for client, key in keys.items()
+    ]
+    text = yaml.safe_dump({"api_keys": entries}, sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
@@ -122,9 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="the api_keys.yaml to write")
     parser.add_argument("--force", action="store_true", help="replace an existing file")
+    parser.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also an admin key for NAME (reaches /admin/*: the `llmux` command); repeatable",
+    )
     args = parser.parse_args(argv)
     try:
-        keys = write_key_file(args.out, args.clients, force=args.force)
+        keys = write_key_file(args.out, args.clients, force=args.force, admins=args.admin)
     except FileExistsError:
         print(f"{args.out} exists; pass --force to replace every key in it.", file=sys.stderr)
         return 1

