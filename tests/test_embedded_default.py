@@ -22,6 +22,7 @@ from tests.conftest import MODELS_DIR, REPO, TEST_KEY, real_models
 QWEN = MODELS_DIR / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
 pytestmark = real_models(QWEN)
 CHAT = "Qwen2.5-Coder-0.5B"
+ADMIN_KEY = "sk-llmux-operator-key-for-the-tests"
 WEATHER = {
     "type": "function",
     "function": {
@@ -45,7 +46,9 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     config = tmp_path_factory.mktemp("embedded") / "config"
     shutil.copytree(REPO / "config" / "local", config)
     (config / "api_keys.yaml").write_text(
-        f"api_keys:\n  - key: {TEST_KEY}\n    name: test-client\n", encoding="utf-8"
+        f"api_keys:\n  - key: {TEST_KEY}\n    name: test-client\n"
+        f"  - key: {ADMIN_KEY}\n    name: operator\n    role: admin\n",
+        encoding="utf-8",
     )
     app = create_app(Settings(config_dir=config, models_dir=MODELS_DIR))
     with TestClient(app, base_url="http://llmux.test") as client:
@@ -194,3 +197,23 @@ def test_embeddings_rank_a_paraphrase_above_an_unrelated_sentence(client: openai
 
     assert len(a) == 384
     assert cosine(a, b) > cosine(a, c) + 0.3
+
+
+def test_the_operator_sees_loads_and_unloads_the_embedded_default(http: TestClient) -> None:
+    from llmux.cli import table
+
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    assert (
+        http.get("/admin/models", headers={"Authorization": f"Bearer {TEST_KEY}"}).status_code
+        == 403
+    )
+    assert http.post(f"/admin/models/{CHAT}/load", headers=auth).status_code == 200
+    shown = table(http.get("/admin/models", headers=auth).json()["models"])
+    row = next(line for line in shown.splitlines() if line.startswith("qwen2.5-coder-0.5b"))
+    assert row.split()[1:5] == ["llm", "0.6", "GB", "gpu"]  # llmux ps's table
+    # Gemma cannot sit beside Qwen (one LLM at a time): loading it follows that rule.
+    assert http.post("/admin/models/Gemma-3-270M/load", headers=auth).status_code == 200
+    loaded = health(http)["loaded_models"]
+    assert "gemma3-270m" in loaded and "qwen2.5-coder-0.5b" not in loaded
+    unloaded = http.post("/admin/models/gemma3-270m/unload", headers=auth).json()["unloaded"]
+    assert unloaded == ["gemma3-270m"] and "gemma3-270m" not in health(http)["loaded_models"]
