@@ -67,6 +67,7 @@ class LlamaCppChatRunner:
     def load(self) -> None:
         self.preflight()
         model_file = self.weights / (self.spec.model_file or "")
+        _keep_process_output()
         from llama_cpp import Llama
 
         vision = None
@@ -305,3 +306,28 @@ def _vision_handler(mmproj: Path, template: str | None) -> Any:
             return str(super()._get_chat_template(llama_model))
 
     return ConfiguredTemplate(clip_model_path=str(mmproj), verbose=False)
+
+
+class _NoRedirect:
+    """Stands in for llama-cpp-python's `suppress_stdout_stderr`, which points file descriptors 1
+    and 2 of the whole process at /dev/null around a quiet load: every other thread's output
+    (the access log of requests served meanwhile) was lost. llama.cpp's own messages go through
+    its log callback, which `verbose=False` already keeps to errors, so nothing else is needed."""
+
+    def __init__(self, disable: bool = True) -> None:
+        pass
+
+    def __enter__(self) -> _NoRedirect:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _keep_process_output() -> None:
+    import llama_cpp._internals
+    import llama_cpp.llama
+    import llama_cpp.llama_chat_format
+
+    for module in (llama_cpp.llama, llama_cpp._internals, llama_cpp.llama_chat_format):
+        module.suppress_stdout_stderr = _NoRedirect  # type: ignore[attr-defined]
