@@ -159,7 +159,10 @@ class LlamaCppChatRunner:
         budget = completion_budget(
             self.physical_id, self.context_length, len(prompt), request.max_tokens
         )
-        llm.set_seed(request.seed if request.seed is not None else random.getrandbits(31))
+        # llama.cpp's sampler takes a 32-bit seed.
+        llm.set_seed(
+            request.seed & 0xFFFFFFFF if request.seed is not None else random.getrandbits(31)
+        )
         import llama_cpp
 
         tokens = llm.generate(

@@ -27,6 +27,8 @@ MAX_STOP_SEQUENCES = 4
 # Stop sequences are matched against every token's text on the event loop: a bound on their
 # length keeps that cheap (a few 200,000-character stops once froze the server).
 MAX_STOP_CHARS = 256
+# OpenAI's own limit on tools; Open WebUI sends about 36.
+MAX_TOOLS = 128
 
 
 class TextPart(OpenAIBaseModel):
@@ -117,9 +119,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # What every backend's generator takes (torch: a 64-bit seed; llama.cpp uses its low 32 bits).
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int = 1
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
