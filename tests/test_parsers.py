@@ -11,6 +11,7 @@ Decisions the tables pin down:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import itertools
@@ -18,9 +19,11 @@ import json
 import os
 import random
 import re
+import statistics
 import struct
+import time
 from base64 import b64decode, b64encode
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +388,46 @@ QWEN35_TOOLS = [
         "",
         (("get_weather", {"city": "Kyiv"}),),
     ),
+    # A `<tool_call>` that no `<function=` (or JSON) follows is a word in the content.
+    Case(
+        "literal-tool-call-tag",
+        "qwen3.5",
+        "</think>Use the <tool_call> tag to call tools.\n\nThen wait for the result.",
+        "",
+        "Use the <tool_call> tag to call tools.\n\nThen wait for the result.",
+    ),
+    Case(
+        "literal-tool-call-tag-then-a-call",
+        "qwen3.5",
+        "</think>You write <tool_call> like this.\n" + WEATHER,
+        "",
+        "You write <tool_call> like this.",
+        (("get_weather", {"city": "Berlin", "days": 3}),),
+    ),
+    Case(
+        "literal-tool-call-tag-then-a-json-call",
+        "qwen3.5",
+        "</think>You write <tool_call> like this.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call>',
+        "",
+        "You write <tool_call> like this.",
+        (("get_weather", {"city": "Berlin"}),),
+    ),
+    Case(
+        "tool-call-tag-twice",
+        "qwen3.5",
+        "</think><tool_call>\n" + WEATHER,
+        "",
+        "<tool_call>",
+        (("get_weather", {"city": "Berlin", "days": 3}),),
+    ),
+    Case(
+        "literal-tool-call-tag-at-the-end",
+        "qwen3.5",
+        "</think>It ends with <tool_call>\n<func",
+        "",
+        "It ends with <tool_call>\n<func",
+    ),
 ]
 
 QWEN3 = [
@@ -436,6 +479,39 @@ QWEN3 = [
         "",
         "Plain answer.",
         thinking=False,
+    ),
+    # A `<tool_call>` that no `{` follows is a word in the content.
+    Case(
+        "qwen3-literal-tool-call-tag",
+        "qwen3",
+        "</think>Use the <tool_call> tag to call tools.\n\nThen wait for the result.",
+        "",
+        "Use the <tool_call> tag to call tools.\n\nThen wait for the result.",
+    ),
+    Case(
+        "qwen3-literal-tool-call-tag-then-a-call",
+        "qwen3",
+        "</think>You write <tool_call> like this.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Berlin"}}\n</tool_call>',
+        "",
+        "You write <tool_call> like this.",
+        (("get_weather", {"city": "Berlin"}),),
+    ),
+    Case(
+        "qwen3-literal-tool-call-tags-around-a-call",
+        "qwen3",
+        '</think>Wrap it: <tool_call>, then JSON, then </tool_call>.<tool_call>{"name": '
+        '"list_files", "arguments": {}}</tool_call><tool_call> closes nothing',
+        "",
+        "Wrap it: <tool_call>, then JSON, then </tool_call>.<tool_call> closes nothing",
+        (("list_files", {}),),
+    ),
+    Case(
+        "qwen3-literal-tool-call-tag-at-the-end",
+        "qwen3",
+        "</think>It ends with <tool_call>\n ",
+        "",
+        "It ends with <tool_call>",
     ),
 ]
 
@@ -610,6 +686,19 @@ QWEN25 = [
     Case("q25-no-tools-keeps-json-as-content", "qwen2.5", _BARE, content=_BARE, tools=()),
     # As for qwen3 with thinking off, a leading think block is still read as reasoning.
     Case("q25-leading-think-block", "qwen2.5", "<think>x</think>y", reasoning="x", content="y"),
+    Case(
+        "q25-literal-tool-call-tag",
+        "qwen2.5",
+        "Use the <tool_call> tag to call tools.",
+        content="Use the <tool_call> tag to call tools.",
+    ),
+    Case(
+        "q25-literal-tool-call-tag-then-a-call",
+        "qwen2.5",
+        f"You write <tool_call> like this.\n<tool_call>\n{_BARE}\n</tool_call>",
+        content="You write <tool_call> like this.",
+        calls=(("get_weather", {"city": "Berlin"}),),
+    ),
 ]
 
 CASES = QWEN_REASONING + QWEN35_TOOLS + QWEN3 + QWEN25 + HARMONY + PLAIN
@@ -768,6 +857,28 @@ def test_harmony_text_holds_back_only_a_possible_terminator() -> None:
     assert parser.finish() == []
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen3.5", "qwen2.5"])
+def test_text_after_a_literal_tool_call_tag_streams_before_the_end(family: str) -> None:
+    """A `<tool_call>` that does not start a call is released once the next word shows that, and
+    a real call after it is still a call."""
+    parser = create_parser(family, thinking=False, tools=TOOLS)
+    steps = _feed_all(
+        parser, "Use the <tool_", "call>", " tag", " to call tools.\n", '<tool_call>{"name": '
+    )
+    assert steps == [
+        [ContentDelta("Use the")],
+        [],  # "<tool_call>" and nothing after it yet: a call may follow
+        [ContentDelta(" <tool_call>"), ContentDelta(" tag")],
+        [ContentDelta(" to call tools.")],
+        [],
+    ]
+    events = parser.feed('"list_files", "arguments": {}}</tool_call>')
+    [start, arguments] = events
+    assert isinstance(start, ToolCallStart) and start.name == "list_files"
+    assert arguments == ToolCallArgs(0, "{}")
+    assert parser.finish() == []
+
+
 def test_tool_call_ids_are_fresh_per_call() -> None:
     case = next(c for c in CASES if c.id == "two-calls-content-around")
     first, second = _parser(case).parse(case.output), _parser(case).parse(case.output)
@@ -780,6 +891,82 @@ def test_finish_twice_is_an_error() -> None:
     parser.finish()
     with pytest.raises(RuntimeError):
         parser.finish()
+
+
+# --- per-piece cost does not grow with the answer ---------------------------------------------
+
+GROWTH_PIECES = 4000
+GROWTH_WINDOW = 500
+
+
+def _cost_growth(start: Callable[[], Callable[[Any], object]], pieces: Sequence[Any]) -> float:
+    """How much slower the last GROWTH_WINDOW pieces are to feed than the first: the median
+    ratio over a few fresh parsers (`start` makes one and returns its feed-one-piece function).
+    About 1 when a piece costs the same wherever it falls; a parser that rescans or copies what
+    came before costs more per piece the longer the answer gets."""
+
+    def seconds_to_feed(feed: Callable[[Any], object], chunk: Sequence[Any]) -> float:
+        started = time.perf_counter()
+        for piece in chunk:
+            feed(piece)
+        return time.perf_counter() - started
+
+    ratios = []
+    for _ in range(5):
+        feed = start()
+        gc.collect()
+        gc.disable()  # a collection landing in one window would skew it
+        try:
+            first = seconds_to_feed(feed, pieces[:GROWTH_WINDOW])
+            seconds_to_feed(feed, pieces[GROWTH_WINDOW:-GROWTH_WINDOW])
+            last = seconds_to_feed(feed, pieces[-GROWTH_WINDOW:])
+        finally:
+            gc.enable()
+        ratios.append(last / first)
+    return statistics.median(ratios)
+
+
+WORDS = [f" word{i}" for i in range(GROWTH_PIECES)]
+
+
+@pytest.mark.parametrize(
+    ("family", "head"),
+    [
+        pytest.param("harmony", "<|channel|>analysis<|message|>", id="harmony-reasoning"),
+        pytest.param("harmony", "<|channel|>final<|message|>", id="harmony-content"),
+        pytest.param(
+            "harmony", "<|channel|>commentary to=functions.f<|message|>", id="harmony-arguments"
+        ),
+        pytest.param("harmony", "<|channel|>analysis", id="harmony-header-never-ends"),
+        pytest.param("qwen3", "", id="qwen3-reasoning"),
+        pytest.param("qwen3", "</think>", id="qwen3-content"),
+        pytest.param(
+            "qwen3",
+            '</think><tool_call>{"name": "f", "arguments": {"text": "',
+            id="qwen3-call-json",
+        ),
+        pytest.param("qwen3.5", "", id="qwen3.5-reasoning"),
+        pytest.param("qwen3.5", "</think>", id="qwen3.5-content"),
+        pytest.param(
+            "qwen3.5",
+            "</think><tool_call>\n<function=f>\n<parameter=text>\n",
+            id="qwen3.5-parameter-value",
+        ),
+        pytest.param("qwen2.5", "", id="qwen2.5-content"),
+        pytest.param(
+            "qwen2.5",
+            '{"name": "get_weather", "arguments": {"city": "',
+            id="qwen2.5-bare-call",
+        ),
+    ],
+)
+def test_text_cost_per_piece_does_not_grow_with_the_answer(family: str, head: str) -> None:
+    def start() -> Callable[[str], object]:
+        parser = create_parser(family, thinking=True, tools=TOOLS)
+        parser.feed(head)
+        return parser.feed
+
+    assert _cost_growth(start, WORDS) < 3
 
 
 # --- registry and value typing ---------------------------------------------------------------
@@ -936,6 +1123,23 @@ def test_harmony_token_ids_agree(case: Case, harmony_encoding: Any) -> None:
         events += parser.finish()
         _check_stream(events)
         assert _actual(collect(events)) == _expected(case), pieces
+
+
+def test_harmony_token_cost_per_token_does_not_grow_with_the_answer(
+    harmony_encoding: Any,
+) -> None:
+    """openai-harmony's `StreamableParser.state` serializes the open message whole; read per
+    token, a long analysis made each token cost more than the one before."""
+    head = harmony_encoding.encode("<|channel|>analysis<|message|>", allowed_special="all")
+    body = harmony_encoding.encode("".join(WORDS), allowed_special=set())
+    assert len(body) >= GROWTH_PIECES
+
+    def start() -> Callable[[int], object]:
+        parser = HarmonyParser(encoding=harmony_encoding)
+        parser.feed("", head)
+        return lambda token: parser.feed("", [token])
+
+    assert _cost_growth(start, body[:GROWTH_PIECES]) < 3
 
 
 def test_harmony_token_parser_needs_token_ids(harmony_encoding: Any) -> None:

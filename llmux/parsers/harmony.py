@@ -23,6 +23,10 @@ Two readers feed the same routing (`_Router`), so they agree by construction:
   dropped; a header cut off by the end of the output is dropped.
 An output that does not begin with a special token at all (a backend that drops special tokens
 when decoding) is content as a whole.
+
+Both readers cost the same per token however long the output gets: the text reader keeps only
+what may still become a tag, and the token reader never reads `StreamableParser.state`, which
+serializes the open message whole (see `_TokenReader`).
 """
 
 from __future__ import annotations
@@ -153,7 +157,8 @@ class HarmonyParser(OutputParser):
     ) -> None:
         super().__init__(thinking=thinking, tools=tools)
         self._router = _Router()
-        self._buf = ""
+        self._buf = ""  # received, not yet consumed: in a header, only what may begin MESSAGE
+        self._header: list[str] = []  # the open header's text before `_buf`
         self._state = _TextState.INIT
         self._tokens = None if encoding is None else _TokenReader(encoding, self._router)
 
@@ -177,11 +182,11 @@ class HarmonyParser(OutputParser):
         while True:
             state = self._state
             if state is _TextState.INIT:
-                head = self._buf.lstrip()
-                if head.startswith("<|"):
-                    self._buf, self._state = head, _TextState.BETWEEN
+                self._buf = self._buf.lstrip()  # dropped either way
+                if self._buf.startswith("<|"):
+                    self._state = _TextState.BETWEEN
                     continue
-                if not final and head in ("", "<"):
+                if not final and self._buf in ("", "<"):
                     return events
                 self._state = _TextState.RAW
             elif state is _TextState.RAW:
@@ -200,8 +205,14 @@ class HarmonyParser(OutputParser):
                 if at < 0:
                     if final:
                         self._buf = ""  # cut off inside a header: nothing to say
+                        self._header.clear()
+                    else:
+                        safe, self._buf = split_held(self._buf, (MESSAGE,))
+                        self._header.append(safe)
                     return events
-                header, self._buf = self._buf[:at], self._buf[at + len(MESSAGE) :]
+                header = "".join(self._header) + self._buf[:at]
+                self._header.clear()
+                self._buf = self._buf[at + len(MESSAGE) :]
                 channel, recipient = parse_header(header)
                 if channel is None and CHANNEL in header:
                     self._state = _TextState.BETWEEN  # a malformed header: skip the message
@@ -231,6 +242,13 @@ class _TokenReader:
     token is dropped, as is a message whose header the parser rejects: the text reader's rules.
     Leading whitespace tokens are skipped, and an output whose first visible token is not special
     is content as a whole (decoded by the encoding).
+
+    Cost: `StreamableParser.state` (and `current_content`, `messages`, `tokens`) build their
+    answer from everything the open message (or the output) holds, so reading one per token makes
+    a long message quadratic. Per token only O(1) accessors are read: `current_role`, which is
+    set exactly while a message body is open (the parser is made without a role, so it has no
+    role to expect between messages), and `last_content_delta`. `state` is read only for a
+    `<|channel|>` outside a body, where it holds at most a header.
     """
 
     def __init__(self, encoding: HarmonyEncoding, router: _Router) -> None:
@@ -277,7 +295,11 @@ class _TokenReader:
 
         parser = self._parser
         try:
-            if parser.state is StreamState.EXPECT_START and token == self._channel_id:
+            if (
+                token == self._channel_id
+                and parser.current_role is None
+                and parser.state is StreamState.EXPECT_START
+            ):
                 for start_token in self._start_ids:
                     parser.process(start_token)
             parser.process(token)
@@ -286,10 +308,8 @@ class _TokenReader:
         return self._sync()
 
     def _sync(self) -> list[Event]:
-        from openai_harmony import StreamState
-
         parser = self._parser
-        if parser.state is StreamState.CONTENT:
+        if parser.current_role is not None:  # in a message body (see the class docstring)
             events: list[Event] = []
             if not self._open:
                 self._open = True

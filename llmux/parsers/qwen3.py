@@ -8,10 +8,15 @@ empty `<think>\\n\\n</think>`) is still read as reasoning. An output cut off bef
 it the answer would show the user half a thought as if it were one.
 
 Tool calls. `<tool_call>{"name": NAME, "arguments": {...}}</tool_call>`, any number, with content
-before, between and after them. A block that is not a valid call (bad JSON, no name, output cut
-off inside it and unparseable) is passed on as content, tags included, so that nothing the model
-wrote is lost. A tool call is emitted when its block closes (JSON cannot be typed or checked
-before that).
+before, between and after them. A `<tool_call>` that is not followed (after whitespace) by `{`
+is the model writing about the tag: it is content, released as soon as the next visible character
+shows that, and a call after it is still a call. A block that is not a valid call (bad JSON, no
+name, output cut off inside it and unparseable) is passed on as content, tags included, so that
+nothing the model wrote is lost. A tool call is emitted when its block closes (JSON cannot be
+typed or checked before that).
+
+Each piece costs the same however long the output gets: the buffer keeps only what may still
+become a tag, and text held for later (a call's JSON) is collected in pieces.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from llmux.parsers.base import (
     ToolCallStart,
     ToolDef,
     TrimmedText,
+    find_first,
     new_call_id,
     split_held,
 )
@@ -45,7 +51,8 @@ class _State(Enum):
     START = "start"  # nothing but whitespace yet: an opening <think> may still come
     REASONING = "reasoning"
     CONTENT = "content"
-    TOOL_CALL = "tool_call"  # inside <tool_call>, the tag itself consumed
+    TOOL_TAG = "tool_tag"  # just after <tool_call>: the start of a call, or a word in the content?
+    TOOL_CALL = "tool_call"  # inside a <tool_call> block that starts like a call
 
 
 def parse_json_call(body: str) -> tuple[str, str] | None:
@@ -69,14 +76,16 @@ def parse_json_call(body: str) -> tuple[str, str] | None:
 
 
 class Qwen3Parser(OutputParser):
-    """Reasoning and content of the Qwen families; tool-call blocks are read by `_tool_call_step`,
-    which subclasses replace. Holds back only a possible start of a tag and trailing whitespace."""
+    """Reasoning and content of the Qwen families; tool-call blocks are recognized by
+    `_opens_call` and read by `_tool_call_step`, which subclasses replace. Holds back only a
+    possible start of a tag, trailing whitespace and an open tool-call block."""
 
     family = "qwen3"
 
     def __init__(self, *, thinking: bool = False, tools: Sequence[ToolDef] = ()) -> None:
         super().__init__(thinking=thinking, tools=tools)
         self._buf = ""  # received, not yet consumed
+        self._held: list[str] = []  # the open block's text before `_buf` (see `_hold`)
         self._state = _State.START
         self._reasoning = TrimmedText()
         self._content = TrimmedText()
@@ -95,52 +104,77 @@ class Qwen3Parser(OutputParser):
         events: list[Event] = []
         while True:
             if self._state is _State.START:
-                head = self._buf.lstrip()
-                if head.startswith(THINK_START):
-                    self._buf = head[len(THINK_START) :]
+                self._buf = self._buf.lstrip()  # leading whitespace is dropped either way
+                if self._buf.startswith(THINK_START):
+                    self._buf = self._buf[len(THINK_START) :]
                     self._state = _State.REASONING
                     continue
-                if not final and THINK_START.startswith(head):
+                if not final and THINK_START.startswith(self._buf):
                     return events
                 self._state = _State.REASONING if self.thinking else _State.CONTENT
             elif self._state is _State.REASONING:
-                if not self._take_until(THINK_END, events, self._emit_reasoning, final):
+                if not self._take_until((THINK_END,), events, self._emit_reasoning, final):
                     return events
                 self._state = _State.CONTENT
             elif self._state is _State.CONTENT:
-                if not self._take_until(TOOL_CALL_START, events, self._emit_content, final):
+                if not self._take_until((TOOL_CALL_START,), events, self._emit_content, final):
                     return events
-                self._state = _State.TOOL_CALL
+                self._state = _State.TOOL_TAG
+            elif self._state is _State.TOOL_TAG:
+                opens = self._opens_call(self._buf.lstrip())
+                if opens is None and not final:
+                    return events
+                if opens:
+                    self._state = _State.TOOL_CALL
+                else:  # the tag as a word: the text after it is content again
+                    self._emit_content(events, TOOL_CALL_START)
+                    self._state = _State.CONTENT
             else:
                 if not self._tool_call_step(events, final=final):
                     return events
                 self._state = _State.CONTENT
 
-    def _take_until(self, tag: str, events: list[Event], emit: _Emit, final: bool) -> bool:
-        """Emit the text before `tag` and consume the tag: True. Without the tag, emit what cannot
-        be the start of it and keep the rest (all of it is emitted when `final`): False."""
-        at = self._buf.find(tag)
+    def _take_until(
+        self, tags: Sequence[str], events: list[Event], emit: _Emit, final: bool
+    ) -> str:
+        """Emit the text before the first of `tags` and consume that tag: return it. Without one,
+        emit what cannot be the start of a tag and keep the rest (all of it is emitted when
+        `final`): return ""."""
+        at, tag = find_first(self._buf, tags)
         if at >= 0:
             emit(events, self._buf[:at])
             self._buf = self._buf[at + len(tag) :]
-            return True
-        safe, held = (self._buf, "") if final else split_held(self._buf, (tag,))
+            return tag
+        safe, held = (self._buf, "") if final else split_held(self._buf, tags)
         emit(events, safe)
         self._buf = held
-        return False
+        return ""
+
+    def _hold(self, events: list[Event], text: str) -> None:
+        """An `_Emit` that keeps the text of an open block for when it is complete: collecting
+        it, rather than searching a growing buffer again on every piece, keeps pieces cheap."""
+        self._held.append(text)
+
+    def _take_held(self) -> str:
+        text = "".join(self._held)
+        self._held.clear()
+        return text
+
+    def _opens_call(self, head: str) -> bool | None:
+        """Whether the text after a `<tool_call>` (`head`, leading whitespace removed) starts a
+        call; None while it cannot tell yet."""
+        return head.startswith("{") if head else None
 
     def _tool_call_step(self, events: list[Event], *, final: bool) -> bool:
         """Read a `<tool_call>` block from the buffer (the opening tag already consumed). Return
         True once the block is done (closing tag consumed, or output ended), False to wait."""
-        end = self._buf.find(TOOL_CALL_END)
-        if end < 0 and not final:
+        closed = self._take_until((TOOL_CALL_END,), events, self._hold, final)
+        if not closed and not final:
             return False
-        body = self._buf if end < 0 else self._buf[:end]
-        self._buf = "" if end < 0 else self._buf[end + len(TOOL_CALL_END) :]
+        body = self._take_held()
         call = parse_json_call(body)
         if call is None:
-            closing = TOOL_CALL_END if end >= 0 else ""
-            self._emit_content(events, TOOL_CALL_START + body + closing)
+            self._emit_content(events, TOOL_CALL_START + body + closed)
         else:
             index = self._start_call(events, call[0])
             events.append(ToolCallArgs(index, call[1]))
@@ -179,33 +213,37 @@ class Qwen25Parser(Qwen3Parser):
 
     def __init__(self, *, thinking: bool = False, tools: Sequence[ToolDef] = ()) -> None:
         super().__init__(thinking=False, tools=tools)
-        self._lead = ""  # the output while it may still be a bare call
+        # The output while it may still be a bare call, in pieces: joined once, at the end.
+        self._lead: list[str] = []
         self._bare: bool | None = None if self.tools else False
 
     def feed(self, text: str, token_ids: Sequence[int] = ()) -> list[Event]:
         if self._bare is False:
             return super().feed(text, token_ids)
-        self._lead += text
+        self._lead.append(text)
         if self._bare is None:
-            head = self._lead.lstrip()
+            lead = "".join(self._lead)  # short: whitespace and a possible fence's start
+            head = lead.lstrip()
             if not head or (FENCE.startswith(head) and len(head) < len(FENCE)):
+                self._lead = [lead]
                 return []  # not decided yet
             self._bare = head.startswith(("{", "[", FENCE))
             if not self._bare:
-                lead, self._lead = self._lead, ""
+                self._lead = []
                 return super().feed(lead)
         return []
 
     def finish(self) -> list[Event]:
+        lead = "".join(self._lead)
+        self._lead = []
         if self._bare:
-            calls = bare_calls(self._lead, self.tools)
+            calls = bare_calls(lead, self.tools)
             if calls is not None:
                 self._mark_finished()
                 events: list[Event] = []
                 for name, arguments in calls:
                     events.append(ToolCallArgs(self._start_call(events, name), arguments))
                 return events
-        lead, self._lead = self._lead, ""
         return [*super().feed(lead), *super().finish()] if lead else super().finish()
 
 

@@ -17,7 +17,8 @@ Each value is typed by the parameter's schema (`convert_value`); the arguments a
 object text, streamed one parameter at a time: `{"city": "Berlin"` when the first parameter
 closes, `, "days": 3` for the next, `}` at `</function>`. A missing `</parameter>` ends the value
 at the next tag. A block that holds JSON instead (`<tool_call>{"name": ...}</tool_call>`, the
-Qwen3 form) is read as Qwen3 reads it.
+Qwen3 form) is read as Qwen3 reads it. A `<tool_call>` followed by neither `<function=` nor `{`
+is a word in the content, as in Qwen3.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmux.parsers.base import Event, ToolCallArgs, ToolDef, find_first
+from llmux.parsers.base import Event, ToolCallArgs, ToolDef
 from llmux.parsers.qwen3 import TOOL_CALL_END, Qwen3Parser
 
 FUNCTION_START = "<function="
 FUNCTION_END = "</function>"
 PARAMETER_START = "<parameter="
 PARAMETER_END = "</parameter>"
+VALUE_ENDS = (PARAMETER_END, PARAMETER_START, FUNCTION_END, TOOL_CALL_END)
 
 _INTEGER = re.compile(r"[-+]?\d+")
 _NO_VALUE = object()
@@ -105,15 +107,25 @@ class Qwen35Parser(Qwen3Parser):
 
     def __init__(self, *, thinking: bool = False, tools: Sequence[ToolDef] = ()) -> None:
         super().__init__(thinking=thinking, tools=tools)
-        self._phase = (
-            "start"  # in a block: "start", "params" (in a function), "after" (function closed)
-        )
+        # In a block: "start", "params" (in a function), "value" (in a parameter's value, which
+        # `_hold` collects), "after" (function closed).
+        self._phase = "start"
+        self._parameter_name = ""
         self._call_index = -1
         self._call_schema: Mapping[str, Any] = {}
         self._args_sent = False
 
+    def _opens_call(self, head: str) -> bool | None:
+        if head.startswith((FUNCTION_START, "{")):
+            return True
+        return None if FUNCTION_START.startswith(head) else False
+
     def _tool_call_step(self, events: list[Event], *, final: bool) -> bool:
         while True:
+            if self._phase == "value":
+                if not self._value(events, final):
+                    return False
+                continue
             head = self._buf.lstrip()
             if self._phase == "start":
                 if head.startswith(FUNCTION_START):
@@ -125,14 +137,18 @@ class Qwen35Parser(Qwen3Parser):
                         self._buf = head[close + 1 :]
                         self._phase = "params"
                         continue
-                elif not final and FUNCTION_START.startswith(head):
-                    return False
-                # Not XML (JSON, junk, or cut off): read as Qwen3 reads it.
+                # JSON, or cut off inside the function tag: read as Qwen3 reads it.
                 return super()._tool_call_step(events, final=final)
             if self._phase == "params":
                 if head.startswith(PARAMETER_START):
-                    if not self._parameter(events, head, final):
+                    close = head.find(">")
+                    if close < 0 and not final:
                         return False
+                    # A parameter cut off inside its tag has nothing to send.
+                    self._buf = "" if close < 0 else head[close + 1 :]
+                    if close >= 0:
+                        self._parameter_name = head[len(PARAMETER_START) : close].strip()
+                        self._phase = "value"
                     continue
                 ends_function = head.startswith(FUNCTION_END)
                 if ends_function or head.startswith(TOOL_CALL_END) or (final and not head):
@@ -159,22 +175,17 @@ class Qwen35Parser(Qwen3Parser):
             if next_tag < 0 and not final:
                 return False
 
-    def _parameter(self, events: list[Event], head: str, final: bool) -> bool:
-        """Read `<parameter=NAME>VALUE</parameter>` at the start of `head` and send it as the next
-        argument. False (nothing consumed) while it is incomplete and more output may come."""
-        close = head.find(">")
-        if close < 0:
-            if not final:
-                return False
-            self._buf = ""  # a parameter cut off inside its tag: nothing to send
-            return True
-        name = head[len(PARAMETER_START) : close].strip()
-        rest = head[close + 1 :]
-        end, tag = find_first(rest, (PARAMETER_END, PARAMETER_START, FUNCTION_END, TOOL_CALL_END))
-        if end < 0 and not final:
+    def _value(self, events: list[Event], final: bool) -> bool:
+        """Read the open parameter's value up to its end (`</parameter>`, consumed, or the next
+        tag, left for the next phase) and send it as the next argument. False while it is
+        incomplete and more output may come."""
+        tag = self._take_until(VALUE_ENDS, events, self._hold, final)
+        if not tag and not final:
             return False
-        value = rest if end < 0 else rest[:end]
-        self._buf = "" if end < 0 else rest[end + (len(tag) if tag == PARAMETER_END else 0) :]
+        if tag and tag != PARAMETER_END:
+            self._buf = tag + self._buf
+        value = self._take_held()
+        name, self._phase = self._parameter_name, "params"
         properties = self._call_schema.get("properties")
         schema = properties.get(name) if isinstance(properties, Mapping) else None
         typed = convert_value(value, schema if isinstance(schema, Mapping) else None)
