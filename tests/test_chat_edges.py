@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from llmux.wire.chat import ChatCompletionRequest
 from llmux_policy.executor import Residency
 from runners.base import completion_budget
 from runners.chat import GenerationChunk, GenerationRequest
-from tests.conftest import TEST_KEY, write_config
+from tests.conftest import GEMMA, TEST_KEY, write_config
 from tests.test_parsers import _o200k_from_quicktok
 
 GIB = 1024**3
@@ -516,3 +517,45 @@ def test_the_llama_cpp_image_path_samples_and_counts_like_the_text_path() -> Non
     chunks = list(runner.generate(request, threading.Event()))
     assert (seen["top_k"], seen["min_p"], seen["repeat_penalty"]) == (0, 0.0, 1.0)
     assert chunks[-1].completion_tokens == 4  # "Hello there": two words, two tokens each
+
+
+ALTERNATING = """{%- for m in messages -%}
+{%- if loop.index0 > 0 and m.role == messages[loop.index0 - 1].role -%}
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant') -}}
+{%- endif -%}<start_of_turn>{{ m.role }}
+{{ m.content }}<end_of_turn>
+{% endfor -%}<start_of_turn>model
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GEMMA.is_file() and not os.environ.get("CI"), reason="run `make setup`")
+def test_a_template_that_refuses_the_messages_is_a_400_on_llama_cpp(tmp_path: Path) -> None:
+    """A Hugging Face template's raise_exception (roles that do not alternate, an unknown role)
+    is the client's to fix: a 400 before any byte, not a cut stream."""
+    from llmux.core.config import PhysicalModel
+    from llmux.core.errors import BadRequest
+    from runners.llamacpp import LlamaCppChatRunner
+
+    template = tmp_path / "alternating.jinja"
+    template.write_text(ALTERNATING)
+    spec = PhysicalModel(
+        type="llm",
+        backend="llamacpp",
+        model_file=GEMMA.name,
+        estimated_vram_gb=0.5,
+        chat_template=str(template),
+        context_length=512,
+    )
+    runner = LlamaCppChatRunner("gemma", spec, GEMMA.parent)
+    runner.load()
+    try:
+        twice = GenerationRequest(
+            messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        )
+        with pytest.raises(BadRequest, match="roles must alternate") as info:
+            runner.check(twice)
+        assert info.value.status == 400 and info.value.param == "messages"
+        runner.check(GenerationRequest(messages=[{"role": "user", "content": "a"}]))
+    finally:
+        runner.unload()
