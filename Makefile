@@ -5,7 +5,7 @@ VENV := .venv
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup setup-dev serve test test-fast lint smoke keys
+.PHONY: setup setup-dev serve test test-fast lint smoke soak keys
 
 setup:
 	scripts/setup.sh
@@ -35,6 +35,12 @@ lint: setup-dev
 # LLMUX_URL (default http://127.0.0.1:8081) and LLMUX_API_KEY (default: the embedded key file).
 smoke:
 	$(VENV)/bin/python scripts/smoke.py
+
+# Mixed traffic that keeps switching models, against its own bentoml serve of the embedded
+# default; exits non-zero on any 5xx, lost request, broken invariant or growing RSS.
+# SOAK_REQUESTS (default 2000), SOAK_CLIENTS (default 8). CI runs a short one (tests/reliability).
+soak: setup
+	$(VENV)/bin/python scripts/soak.py --requests $(or $(SOAK_REQUESTS),2000) --clients $(or $(SOAK_CLIENTS),8)
 
 # Keys for the production config dir: make keys CLIENTS="open-webui opencode" OUT=config/api_keys.yaml
 keys: setup

@@ -78,7 +78,7 @@ from llmux_policy.planner import (
     eviction_key,
     plan_residency,
 )
-from runners.base import ModelLoadError, OutOfDeviceMemory, Runner
+from runners.base import ModelLoadError, OutOfDeviceMemory, Runner, release_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -527,6 +527,7 @@ class Residency:
         self._notify()
         try:
             await run_to_end(entry.runner.unload, executor=self._swap_thread)
+            await run_to_end(release_host_memory, executor=self._swap_thread)
         except Exception:
             # Keeping a model registered that may be half gone would be worse; the device probe
             # shows any memory it kept.

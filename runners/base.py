@@ -6,6 +6,7 @@ runner through `Residency.use(...)`, which keeps it resident while they run.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from importlib.util import find_spec
 from pathlib import Path
@@ -155,3 +156,15 @@ def torch_device_bytes(*modules: Any) -> int | None:
             if tensor.is_cuda:
                 total += tensor.numel() * tensor.element_size()
     return total or None
+
+
+def release_host_memory() -> None:
+    """Give freed host memory back to the OS after an unload: glibc keeps freed heap pages of a
+    model's host-side buffers (tokenizers, ONNX sessions, llama.cpp's host allocations) in its
+    arenas, and the worker's RSS would ratchet up with every swap. A no-op off glibc."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)

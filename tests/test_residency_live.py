@@ -34,6 +34,8 @@ from runners.chat import GenerationChunk, GenerationRequest
 from runners.transcription import Transcript
 from tests.conftest import TEST_KEY, LiveServer, write_config
 
+# Live servers and megabytes of traffic per test: slow, so `make test-fast` leaves it out.
+pytestmark = pytest.mark.slow
 GIB = 1024**3
 STALL_S = 1.5
 REGISTRY = Registry.model_validate(
