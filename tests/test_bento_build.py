@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# A real `bentoml build` per module: slow, so `make test-fast` leaves it out.
+pytestmark = pytest.mark.slow
 BASE_IMAGE = "docker.io/pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime"
 
 

@@ -929,6 +929,7 @@ def _cost_growth(start: Callable[[], Callable[[Any], object]], pieces: Sequence[
 WORDS = [f" word{i}" for i in range(GROWTH_PIECES)]
 
 
+@pytest.mark.slow  # timing over thousands of pieces; make test runs it
 @pytest.mark.parametrize(
     ("family", "head"),
     [
@@ -1125,6 +1126,7 @@ def test_harmony_token_ids_agree(case: Case, harmony_encoding: Any) -> None:
         assert _actual(collect(events)) == _expected(case), pieces
 
 
+@pytest.mark.slow  # timing over thousands of tokens; make test runs it
 def test_harmony_token_cost_per_token_does_not_grow_with_the_answer(
     harmony_encoding: Any,
 ) -> None:

@@ -170,6 +170,7 @@ def test_a_bad_voices_file_stops_start_up(tmp_path: Path) -> None:
         build_state(Settings(config_dir=config, models_dir=tmp_path))
 
 
+@pytest.mark.slow  # imports chatterbox
 def test_language_list_matches_chatterbox() -> None:
     from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
 
