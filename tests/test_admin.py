@@ -21,6 +21,7 @@ from llmux.settings import Settings
 from llmux.state import AppState
 from llmux_policy.executor import Residency
 from tests.conftest import TEST_KEY, LiveServer, write_config
+from tests.runner_fakes import RecordingRunner
 
 GIB = 1024**3
 ADMIN_KEY = "sk-llmux-admin-key-for-the-tests"
@@ -52,21 +53,8 @@ REGISTRY = Registry.model_validate(
 )
 
 
-class Fake:
-    def __init__(self, physical_id: str, log: list[tuple[str, str]]) -> None:
-        self.physical_id, self.log = physical_id, log
-
-    def preflight(self) -> None:
-        pass
-
-    def load(self) -> None:
-        self.log.append(("load", self.physical_id))
-
-    def unload(self) -> None:
-        self.log.append(("unload", self.physical_id))
-
-    def device_bytes(self) -> None:
-        return None
+def fake_runner(physical_id: str, log: list[tuple[str, str]]) -> RecordingRunner:
+    return RecordingRunner(physical_id, lambda what, pid: log.append((what, pid)))
 
 
 @pytest.fixture
@@ -78,7 +66,7 @@ def state(tmp_path: Path) -> AppState:
     )
     settings = Settings(config_dir=config, models_dir=tmp_path)
     log: list[tuple[str, str]] = []
-    residency = Residency(REGISTRY, lambda pid: Fake(pid, log), 16 * GIB)
+    residency = Residency(REGISTRY, lambda pid: fake_runner(pid, log), 16 * GIB)
     made = AppState(
         settings=settings,
         registry=REGISTRY,
@@ -231,7 +219,9 @@ async def test_the_idle_ttl_unloads_a_model_idle_that_long_never_one_in_use() ->
     data["physical_models"]["llm-a"]["idle_ttl_s"] = 60
     data["physical_models"]["llm-b"]["idle_ttl_s"] = 60
     registry = Registry.model_validate(data)
-    residency = Residency(registry, lambda pid: Fake(pid, log), 16 * GIB, clock=lambda: now[0])
+    residency = Residency(
+        registry, lambda pid: fake_runner(pid, log), 16 * GIB, clock=lambda: now[0]
+    )
     watcher = asyncio.create_task(residency.unload_idle(every_s=0.01))
     try:
         async with residency.use("ears"):

@@ -33,6 +33,7 @@ from llmux_policy.executor import Residency
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.transcription import Transcript
 from tests.conftest import TEST_KEY, LiveServer, write_config
+from tests.runner_fakes import RecordingRunner
 
 # Live servers and megabytes of traffic per test: slow, so `make test-fast` leaves it out.
 pytestmark = pytest.mark.slow
@@ -91,25 +92,14 @@ class Recorder:
             return (what, model) in self.log
 
 
-class FakeChat:
+class FakeChat(RecordingRunner):
     """A chat runner: `chunks` pieces of 32 KiB, `pause` seconds apart, stopping on cancel."""
 
     context_length = 1_000_000
 
     def __init__(self, physical_id: str, recorder: Recorder, world: World) -> None:
-        self.physical_id, self.recorder, self.world = physical_id, recorder, world
-
-    def preflight(self) -> None:
-        pass
-
-    def device_bytes(self) -> None:
-        return None
-
-    def load(self) -> None:
-        self.recorder.note("load", self.physical_id)
-
-    def unload(self) -> None:
-        self.recorder.note("unload", self.physical_id)
+        super().__init__(physical_id, recorder.note)
+        self.recorder, self.world = recorder, world
 
     def render_prompt(self, request: GenerationRequest) -> str:
         return ""
@@ -140,23 +130,12 @@ class FakeChat:
             self.recorder.note("generate-end", self.physical_id)
 
 
-class FakeVoice:
+class FakeVoice(RecordingRunner):
     sample_rate = 16_000
 
     def __init__(self, physical_id: str, recorder: Recorder) -> None:
-        self.physical_id, self.recorder = physical_id, recorder
-
-    def preflight(self) -> None:
-        pass
-
-    def device_bytes(self) -> None:
-        return None
-
-    def load(self) -> None:
-        self.recorder.note("load", self.physical_id)
-
-    def unload(self) -> None:
-        self.recorder.note("unload", self.physical_id)
+        super().__init__(physical_id, recorder.note)
+        self.recorder = recorder
 
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
         self.recorder.note("speak", self.physical_id)
@@ -166,23 +145,12 @@ class FakeVoice:
     pause = 0.0
 
 
-class FakeEar:
+class FakeEar(RecordingRunner):
     """A speech-to-text runner that works until cancelled (or 20 s pass)."""
 
     def __init__(self, physical_id: str, recorder: Recorder) -> None:
-        self.physical_id, self.recorder = physical_id, recorder
-
-    def preflight(self) -> None:
-        pass
-
-    def device_bytes(self) -> None:
-        return None
-
-    def load(self) -> None:
-        self.recorder.note("load", self.physical_id)
-
-    def unload(self) -> None:
-        self.recorder.note("unload", self.physical_id)
+        super().__init__(physical_id, recorder.note)
+        self.recorder = recorder
 
     def transcribe(
         self,
