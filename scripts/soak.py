@@ -11,11 +11,11 @@ every second and the residency invariants are checked at every reading: within t
 most one LLM and one TTS resident, nothing negative in flight.
 
 Reports requests, 5xx, lost requests (no answer, or a cut stream), p50/p95 per kind, the worker's
-RSS at the start, after warm-up (the first tenth of the requests) and at the end (those two with
-every model unloaded through /admin/, so that what happens to be resident does not decide them),
-and the swaps done. Exits non-zero on any 5xx, lost request, broken invariant, or RSS that grew
-after warm-up by more than 20 % + 64 MB; the last line is a one-line summary. Traffic goes only
-to 127.0.0.1, and every loop is bounded in count and time.
+RSS at the start, after warm-up (every kind once, then a tenth of the requests) and at the end
+(those two with every model unloaded through /admin/, so that what happens to be resident does
+not decide them), and the swaps done. Exits non-zero on any 5xx, lost request, broken invariant,
+or RSS that grew after warm-up by more than 20 % + 64 MB; the last line is a one-line summary.
+Traffic goes only to 127.0.0.1, and every loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -257,6 +257,13 @@ def main() -> int:
     parser.add_argument("--budget-gb", type=float, default=0.8)
     parser.add_argument("--max-seconds", type=float, default=1800)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--rss-slack-mb",
+        type=float,
+        default=64,
+        help="RSS growth after warm-up allowed beyond 20 %% (a short run needs more: it sees "
+        "few loads after warm-up, and each can move the figure by tens of MB)",
+    )
     args = parser.parse_args()
     random.seed(args.seed)
     kinds = ["chat-stream", "chat", "tools", "embeddings", "speech", "transcription"]
@@ -266,8 +273,12 @@ def main() -> int:
     try:
         soak.prepare()
         rss_start = worker_rss(proc.pid)
-        plan = [random.choice(kinds) for _ in range(args.requests)]
-        warmup, rest = plan[: max(1, len(plan) // 10)], plan[max(1, len(plan) // 10) :]
+        # Warm-up: every kind (so every backend and model) once, then a tenth of the random plan.
+        # A backend's first load imports its libraries for good (onnxruntime, CTranslate2,
+        # transformers): memory that stays, and is not what the soak measures.
+        plan = kinds + [random.choice(kinds) for _ in range(max(0, args.requests - len(kinds)))]
+        split = len(kinds) + args.requests // 10
+        warmup, rest = plan[:split], plan[split:]
         deadline = time.monotonic() + args.max_seconds
         stop = threading.Event()
         loads: list[int] = []
@@ -311,7 +322,7 @@ def main() -> int:
         f"worker RSS: start {rss_start / MB:.0f} MB, after warm-up {rss_warm / MB:.0f} MB, "
         f"end {rss_end / MB:.0f} MB"
     )
-    grew = rss_end > rss_warm * 1.2 + 64 * MB
+    grew = rss_end > rss_warm * 1.2 + args.rss_slack_mb * MB
     for label, items in (
         ("5xx", soak.server_errors),
         ("lost", soak.lost),
