@@ -8,7 +8,8 @@ warning and dequantizes the experts to bf16 (gpt-oss-20b: ~13 GB becomes ~42 GB)
 - `triton` >= 3.4.0 is installed (3.5.0 for XPU/CPU);
 - the `kernels` package is installed in the range transformers pins (`KERNELS_MIN_VERSION` <=
   version < `KERNELS_MAX_VERSION`, 0.18.2 <= v < 0.19.0 in 5.23); it then fetches the
-  `kernels-community/gpt-oss-triton-kernels` kernel from the Hugging Face Hub cache.
+  `kernels-community/gpt-oss-triton-kernels` kernel from the Hugging Face Hub cache (the image
+  bakes it in at build time: llmux/hub_kernels.py).
 
 `mxfp4_blockers` is the pure decision (what is missing, given what was probed);
 `probe_mxfp4_environment` asks torch and transformers' own availability checks, so the two

@@ -123,6 +123,22 @@ def test_the_runtime_checks_cover_the_compiler_torchaudio_and_every_llama_cpp_li
     assert "import chatterbox, torch, torchaudio" in final
 
 
+def test_the_hub_kernels_are_baked_in_and_imported_offline(dockerfile: str) -> None:
+    """gpt-oss (MXFP4) and Qwen3.5-9B-FP8 load kernels from the Hub; the pod is offline."""
+    final = stages(dockerfile)["final"]
+    assert effective_env(final)["KERNELS_CACHE"] == "/opt/llmux/kernels"
+    bake = final.index("HF_HUB_OFFLINE=0 python /tmp/hub_kernels.py bake")
+    assert final.index("python /tmp/hub_kernels.py verify") > bake
+    assert effective_env(final)["HF_HUB_OFFLINE"] == "1"  # only the bake step lifts it
+
+
+def test_qwen35_linear_attention_runs_on_its_cuda_kernels(dockerfile: str) -> None:
+    build, final = stages(dockerfile)["llama-cpp-build"], stages(dockerfile)["final"]
+    assert "CAUSAL_CONV1D_FORCE_BUILD=TRUE" in build and "--no-build-isolation" in build
+    assert "/tmp/llama-wheels/causal_conv1d-*.whl" in final
+    assert "import fla.ops.gated_delta_rule, causal_conv1d, kernels, triton" in final
+
+
 def test_llama_cpp_python_is_compiled_with_cuda_for_sm_120_in_a_devel_stage(
     dockerfile: str,
 ) -> None:
