@@ -27,9 +27,10 @@ step() { printf '\n==> %s\n' "$*"; }
 
 if [[ $dev == 1 ]]; then
   # Test tools from Debian: speech for test clips (espeak-ng), audio conversion (sox, ffmpeg),
-  # shell linting (shellcheck).
+  # shell linting (shellcheck), and the podman production runs (4.3 on Debian 12), which the pod
+  # script's tests drive for real.
   missing=()
-  for pkg in espeak-ng sox ffmpeg shellcheck; do
+  for pkg in espeak-ng sox ffmpeg shellcheck podman; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if (( ${#missing[@]} )); then
