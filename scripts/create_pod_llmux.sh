@@ -128,8 +128,8 @@ elif [[ -n $(find "${config_dir}/api_keys.yaml" -perm /077 2>/dev/null) ]]; then
 fi
 
 probe 0 podman image exists "$image" || need "image ${image} not found in ${expected_user}'s \
-podman storage. Build it (docs/deploy.md, 'Build the image'): bentoml build && \
-bentoml containerize llmux:latest --backend podman --image-tag ${image}, or pass --image."
+podman storage. Build it (docs/deploy.md, 'Build the image'): \
+scripts/build_image.sh --tag ${image} in the llmux checkout, or pass --image."
 
 cdi_ok=0
 if ((dry_run)); then

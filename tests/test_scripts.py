@@ -155,9 +155,8 @@ def position(calls: list[list[str]], *prefix: str) -> int:
 # --- shellcheck -----------------------------------------------------------------------------------
 
 
-SHELL_SCRIPTS = sorted(SCRIPTS.glob("*.sh")) + sorted(
-    path for path in FAKES.iterdir() if path.name in FAKE_NAMES or path.suffix == ".sh"
-)
+FAKE_SCRIPTS = sorted(p for p in FAKES.iterdir() if p.name in FAKE_NAMES or p.suffix == ".sh")
+SHELL_SCRIPTS = [*sorted(SCRIPTS.glob("*.sh")), ROOT / "deploy/image/build_bento.sh", *FAKE_SCRIPTS]
 
 
 @pytest.mark.skipif(
