@@ -14,6 +14,7 @@ from llmux.settings import Settings
 from llmux.voices import Voices
 
 if TYPE_CHECKING:
+    from llmux.services.bench import Benchmark
     from llmux.services.chat import ChatService
     from llmux_policy.executor import Residency
 
@@ -27,8 +28,15 @@ class AppState:
     chat: ChatService
     voices: Voices = field(default_factory=Voices.builtin)
     started_at: int = field(default_factory=lambda: int(time.time()))
+    bench: Benchmark = field(default_factory=lambda: _benchmark())
 
     @staticmethod
     def of(connection: HTTPConnection) -> AppState:
         state: AppState = connection.app.state.llmux
         return state
+
+
+def _benchmark() -> Benchmark:
+    from llmux.services.bench import Benchmark  # the service module needs this one first
+
+    return Benchmark()

@@ -10,7 +10,7 @@ import ctypes
 import gc
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from llmux.core.errors import BadRequest, ModelUnavailable
 
@@ -41,6 +41,19 @@ class Runner(Protocol):
         """GPU memory the loaded model holds by its backend's own count (torch: its parameters
         and buffers on the device), or None where the backend cannot tell (llama.cpp, CTranslate2,
         ONNX, or no GPU): the executor then reads the device before and after the load."""
+
+
+# Where a runner puts its model: "auto" is how llmux serves (the GPU when there is one, else the
+# CPU); "cpu" never touches the GPU, whatever is installed: the admin benchmark's CPU half
+# (llama.cpp with n_gpu_layers 0 and no op offload, torch on "cpu", CTranslate2 in int8).
+Device = Literal["auto", "cpu"]
+
+
+def torch_device(device: Device) -> str:
+    """The torch device a runner built for `device` loads onto. Imports torch."""
+    import torch
+
+    return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
 
 
 class ModelLoadError(ModelUnavailable):

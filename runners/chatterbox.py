@@ -26,11 +26,13 @@ import numpy as np
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import ApiError, BadRequest
 from runners.base import (
+    Device,
     ModelLoadError,
     NotLoaded,
     free_device_memory,
     require_backend,
     require_files,
+    torch_device,
     torch_device_bytes,
 )
 
@@ -83,12 +85,15 @@ class ChatterboxRunner:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         if spec.variant not in CHATTERBOX_CLASSES:  # config validation makes this unreachable
             raise ModelLoadError(f"unknown chatterbox variant {spec.variant!r}")
         self.physical_id = physical_id
         self.variant: str = spec.variant
         self.weights = weights
+        self.device: Device = device
         self._model: Any = None
         self._builtin: Any = None  # the conditionals of conds.pt, None without one
         self._cloned: dict[Path, Any] = {}  # reference clip -> its conditionals
@@ -104,9 +109,7 @@ class ChatterboxRunner:
     def load(self) -> None:
         self.preflight()
         _require_watermarker()
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device(self.device)
         self._on_cuda = device == "cuda"
         try:
             model = load_chatterbox(self.variant, self.weights, device)

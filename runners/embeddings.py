@@ -24,12 +24,14 @@ import numpy as np
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import BadRequest
 from runners.base import (
+    Device,
     ModelLoadError,
     NotLoaded,
     Runner,
     free_device_memory,
     require_backend,
     require_files,
+    torch_device,
     torch_device_bytes,
 )
 
@@ -163,10 +165,13 @@ class TransformersEmbeddingRunner:
     measured footprint does not include.
     """
 
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         self.physical_id = physical_id
         self.spec = spec
         self.weights = weights
+        self.device: Device = device
         self.dimensions = 0
         self.max_input_tokens = 0
         self._lock = threading.Lock()
@@ -183,7 +188,7 @@ class TransformersEmbeddingRunner:
         from safetensors import SafetensorError
         from transformers import AutoModel, AutoTokenizer
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device(self.device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.weights, local_files_only=True)
             # float32 everywhere: an encoder this size costs little, and a vector should not

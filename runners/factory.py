@@ -1,7 +1,8 @@
 """Which runner class serves a (backend, type) pair, imported only when a model is first used.
 
-Every runner class is built the same way: `cls(physical_id, spec, weights)`, where `weights` is
-the model's path under the models directory. Construction is cheap; `load()` does the work.
+Every runner class is built the same way: `cls(physical_id, spec, weights, device=device)`, where
+`weights` is the model's path under the models directory and `device` is "auto" (serving) or
+"cpu" (the benchmark's CPU half). Construction is cheap; `load()` does the work.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from importlib import import_module
 from pathlib import Path
 
 from llmux.core.config import PhysicalModel
-from runners.base import ModelLoadError, Runner
+from runners.base import Device, ModelLoadError, Runner
 
 RUNNER_CLASSES: dict[tuple[str, str], str] = {
     ("transformers", "llm"): "runners.transformers_llm:TransformersChatRunner",
@@ -23,7 +24,9 @@ RUNNER_CLASSES: dict[tuple[str, str], str] = {
 }
 
 
-def make_runner(physical_id: str, spec: PhysicalModel, models_dir: Path) -> Runner:
+def make_runner(
+    physical_id: str, spec: PhysicalModel, models_dir: Path, *, device: Device = "auto"
+) -> Runner:
     target = RUNNER_CLASSES.get((spec.backend, spec.type))
     if target is None:  # config validation makes this unreachable for a loaded registry
         raise ModelLoadError(f"no runner serves backend {spec.backend!r} for type {spec.type!r}")
@@ -36,6 +39,6 @@ def make_runner(physical_id: str, spec: PhysicalModel, models_dir: Path) -> Runn
             "`make setup` (or scripts/setup.sh) to install it."
         ) from exc
     runner: Runner = getattr(module, class_name)(
-        physical_id, spec, spec.weights_path(physical_id, models_dir)
+        physical_id, spec, spec.weights_path(physical_id, models_dir), device=device
     )
     return runner

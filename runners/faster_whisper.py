@@ -17,6 +17,7 @@ import numpy as np
 
 from llmux.core.config import PhysicalModel
 from runners.base import (
+    Device,
     ModelLoadError,
     NotLoaded,
     free_device_memory,
@@ -44,10 +45,13 @@ class FasterWhisperRunner:
     its workers), so `transcribe` takes no lock.
     """
 
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         self.physical_id = physical_id
         self.spec = spec
         self.weights = weights
+        self.device: Device = device
         self._model: WhisperModel | None = None
         self._languages: frozenset[str] = frozenset()
 
@@ -60,7 +64,7 @@ class FasterWhisperRunner:
         import ctranslate2
         from faster_whisper import WhisperModel
 
-        on_gpu = ctranslate2.get_cuda_device_count() > 0
+        on_gpu = self.device == "auto" and ctranslate2.get_cuda_device_count() > 0
         device, compute_type = ("cuda", "float16") if on_gpu else ("cpu", "int8")
         try:
             self._model = WhisperModel(

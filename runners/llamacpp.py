@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import BadRequest
 from runners.base import (
+    Device,
     ModelLoadError,
     NotLoaded,
     completion_budget,
@@ -47,10 +48,13 @@ DEFAULT_TOP_P = 1.0
 
 
 class LlamaCppChatRunner:
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         self.physical_id = physical_id
         self.spec = spec
         self.weights = weights
+        self.device: Device = device
         self.context_length = spec.context_length or DEFAULT_CONTEXT
         self._llm: Llama | None = None
         self._template: jinja2.Template | None = None
@@ -74,14 +78,25 @@ class LlamaCppChatRunner:
         if self.spec.mmproj_file:
             mmproj = self.weights / self.spec.mmproj_file
             template = read_template(self.spec.chat_template) if self.spec.chat_template else None
-            vision = _vision_handler(mmproj, template)
+            vision = _vision_handler(mmproj, template, use_gpu=self.device == "auto")
+        if self.device == "cpu":
+            # No layer on the GPU, and no batch handed to it either: a CUDA build otherwise
+            # offloads large prompt batches of host layers (op_offload) and the KV cache.
+            placement: dict[str, Any] = {
+                "n_gpu_layers": 0,
+                "op_offload": False,
+                "offload_kqv": False,
+            }
+        else:
+            layers = -1 if self.spec.n_gpu_layers is None else self.spec.n_gpu_layers
+            placement = {"n_gpu_layers": layers}
         try:
             llm = Llama(
                 model_path=str(model_file),
                 n_ctx=self.context_length,
-                n_gpu_layers=-1 if self.spec.n_gpu_layers is None else self.spec.n_gpu_layers,
                 chat_handler=vision,
                 verbose=False,
+                **placement,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"llama.cpp could not load {model_file}: {exc}") from exc
@@ -297,7 +312,7 @@ def _with_image_urls(request: GenerationRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _vision_handler(mmproj: Path, template: str | None) -> Any:
+def _vision_handler(mmproj: Path, template: str | None, *, use_gpu: bool) -> Any:
     """llama-cpp-python's multimodal handler, rendering with `template` (the registry's
     chat_template) instead of the GGUF's own when one is configured, as the text path does."""
     from llama_cpp.llama_chat_format import MTMDChatHandler
@@ -308,7 +323,7 @@ def _vision_handler(mmproj: Path, template: str | None) -> Any:
                 return template
             return str(super()._get_chat_template(llama_model))
 
-    return ConfiguredTemplate(clip_model_path=str(mmproj), verbose=False)
+    return ConfiguredTemplate(clip_model_path=str(mmproj), verbose=False, use_gpu=use_gpu)
 
 
 class _NoRedirect:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from llmux.core.config import PhysicalModel
-from runners.base import ModelLoadError, NotLoaded, require_backend, require_files
+from runners.base import Device, ModelLoadError, NotLoaded, require_backend, require_files
 
 if TYPE_CHECKING:
     from piper import PiperVoice
@@ -28,10 +28,13 @@ class PiperRunner:
     # espeak-ng, which phonemizes for every Piper voice, is one process-wide C library state.
     _espeak_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         self.physical_id = physical_id
         self.spec = spec
         self.weights = weights
+        self.device: Device = device  # onnxruntime on the CPU either way
         self.sample_rate = 0
         self._voice: PiperVoice | None = None
 

@@ -26,11 +26,13 @@ import numpy as np
 
 from llmux.core.config import PhysicalModel
 from runners.base import (
+    Device,
     ModelLoadError,
     NotLoaded,
     free_device_memory,
     require_backend,
     require_files,
+    torch_device,
     torch_device_bytes,
 )
 from runners.transcription import (
@@ -97,10 +99,13 @@ class TransformersAsrRunner:
     take activation memory the measured footprint does not include.
     """
 
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         self.physical_id = physical_id
         self.spec = spec
         self.weights = weights
+        self.device: Device = device
         self._lock = threading.Lock()
         self._model: Any = None
         self._processor: Any = None
@@ -127,8 +132,8 @@ class TransformersAsrRunner:
                 f"Model {self.physical_id!r} is a {config.model_type!r} checkpoint; the "
                 f"transformers speech-to-text runner serves {', '.join(sorted(FAMILIES))}."
             )
-        on_gpu = torch.cuda.is_available()
-        self._device = "cuda" if on_gpu else "cpu"
+        self._device = torch_device(self.device)
+        on_gpu = self._device == "cuda"
         dtype: Any = family.gpu_dtype if on_gpu else "float32"
         if dtype != "auto":
             dtype = getattr(torch, dtype)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 from llmux.core.config import PhysicalModel
 from llmux.core.errors import BadRequest
 from runners.base import (
+    Device,
     ModelLoadError,
     NotLoaded,
     OutOfDeviceMemory,
@@ -44,6 +45,7 @@ from runners.base import (
     require_backend,
     require_files,
     require_gguf,
+    torch_device,
     torch_device_bytes,
 )
 from runners.chat import GenerationChunk, GenerationRequest
@@ -91,10 +93,13 @@ class _Loaded:
 class TransformersChatRunner:
     """A chat model on transformers. Construction is cheap; `load` reads the weights."""
 
-    def __init__(self, physical_id: str, spec: PhysicalModel, weights: Path) -> None:
+    def __init__(
+        self, physical_id: str, spec: PhysicalModel, weights: Path, *, device: Device = "auto"
+    ) -> None:
         self.physical_id = physical_id
         self.spec = spec
         self.weights = weights
+        self.device: Device = device
         # Known for sure after `load` (read from the model's config unless models.yaml sets it).
         self.context_length = spec.context_length or MAX_DEFAULT_CONTEXT
         # openai-harmony's encoding, built on first ask (see `harmony_encoding`) until unload.
@@ -126,7 +131,7 @@ class TransformersChatRunner:
         import torch
         import transformers
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(torch_device(self.device))
         config = self._read_config(transformers)
         self._refuse_silent_dequantization(config)
         processor: Any = None

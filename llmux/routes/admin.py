@@ -7,8 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from llmux.middleware import client_name
-from llmux.services import admin
+from llmux.services import admin, bench
 from llmux.state import AppState
+from llmux.wire.bench import BenchResult
 
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
@@ -34,3 +35,10 @@ async def unload_model(name: str, request: Request) -> dict[str, Any]:
 async def unload_all(request: Request) -> dict[str, Any]:
     client = client_name(request.scope.get("state", {}))
     return {"unloaded": await admin.unload(AppState.of(request), None, client)}
+
+
+@router.post("/models/{name:path}/bench")
+async def bench_model(name: str, request: Request) -> BenchResult:
+    """The model's fixed workload timed on the CPU and on the GPU (llmux.services.bench)."""
+    client = client_name(request.scope.get("state", {}))
+    return await bench.run(AppState.of(request), name, client)

@@ -82,7 +82,7 @@ class ChatService:
         stack = contextlib.AsyncExitStack()
         held = await stack.enter_async_context(self._residency.use(physical_id))
         runner = cast(ChatRunner, held)  # the registry said this model is an llm
-        lock = self._locks.setdefault(physical_id, asyncio.Lock())
+        lock = self.generation_lock(physical_id)
         threads = self._residency.inference_threads(physical_id)
         try:
             # Everything a client can be told off for is checked before the answer starts. Not
@@ -96,6 +96,11 @@ class ChatService:
         self._holding.add(session.cancel)
         stack.callback(self._holding.discard, session.cancel)
         return session
+
+    def generation_lock(self, physical_id: str) -> asyncio.Lock:
+        """The lock a generation on `physical_id` holds while it runs (the admin benchmark takes
+        it too, so its timed run shares the model with no one)."""
+        return self._locks.setdefault(physical_id, asyncio.Lock())
 
     async def stop(self, grace_s: float) -> None:
         """For shutdown: give generations in progress `grace_s` to end, then cancel them (each
