@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
-from llmux import logs
+from llmux import logs, termination
 from llmux.core.config import load_registry
 from llmux.core.errors import ApiError, BadRequest
 from llmux.core.gpu import NvmlMemoryProbe
@@ -104,13 +104,24 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
                     state.residency.unload_idle(every_s=max(0.05, shortest / 4)), name="llmux-idle"
                 )
             )
-        yield
+        # SIGTERM starts the bounded stop at once, while the server still drains connections.
+        grace_s = state.settings.shutdown_grace_s
+        stopping: list[asyncio.Task[None]] = []
+        restore_signals = termination.on_termination(
+            asyncio.get_running_loop(),
+            lambda: stopping.append(asyncio.create_task(state.chat.stop(grace_s=grace_s))),
+        )
+        try:
+            yield
+        finally:
+            restore_signals()
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         # Bounded: generations get LLMUX_SHUTDOWN_GRACE_S, then are cancelled; then every model
         # is unloaded once its requests have let go.
-        await state.chat.stop(grace_s=state.settings.shutdown_grace_s)
+        await asyncio.gather(*stopping)
+        await state.chat.stop(grace_s=grace_s)
         await state.residency.close()
 
     app = FastAPI(

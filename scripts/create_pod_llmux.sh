@@ -186,7 +186,12 @@ if ((!pod_exists)); then
   # weights and of api_keys.yaml (mode 0600); the image's own user (bentoml, uid 1034) maps to a
   # subordinate uid that could not read the keys. (keep-id:uid= would map it, but a container in a
   # pod takes the pod's user namespace, and Podman 4.3 documents no uid= for `pod create --userns`.)
+  # --stop-timeout 30: `podman stop` (the unit's ExecStop) sends SIGTERM, then SIGKILL after this
+  # long. llmux ends generations after LLMUX_SHUTDOWN_GRACE_S (10) and the server gives up on
+  # connections after 25 s (the image's --timeout-graceful-shutdown); podman's default, 10 s,
+  # would kill it mid-shutdown.
   run podman create --pod "$POD" --name "$CTR" \
+    --stop-timeout 30 \
     --user 0:0 \
     --device nvidia.com/gpu=all \
     --volume "${models_dir}:/models:ro" \

@@ -190,6 +190,14 @@ def test_python_requirements_are_the_runtime_pins_plus_torch_from_the_base(
     assert "python -m venv --system-site-packages /app/.venv" in dockerfile
 
 
+def test_shutdown_is_bounded_inside_podman_stop(dockerfile: str) -> None:
+    """The entrypoint runs `bentoml serve "$@"` for flag arguments: the drain is bounded (25 s)
+    below the pod's `podman stop` timeout (30 s, create_pod_llmux.sh)."""
+    final = stages(dockerfile)["final"]
+    assert final.rstrip().endswith('CMD ["--timeout-graceful-shutdown", "25"]')
+    assert "--stop-timeout 30" in (ROOT / "scripts" / "create_pod_llmux.sh").read_text()
+
+
 def test_environment_and_port(dockerfile: str) -> None:
     env = effective_env(stages(dockerfile)["final"])
     assert env["LLMUX_CONFIG_DIR"] == "/config"

@@ -114,6 +114,8 @@ def test_the_pod_script_creates_real_units_that_systemd_accepts(host: Host) -> N
     )
     assert f"{host.config}:/config:ro" in ctr_start
     assert ctr_start.rstrip().endswith(IMAGE)
+    # podman stop waits 30 s before SIGKILL: llmux's bounded shutdown fits inside it.
+    assert "--ignore -t 30" in re.sub(r"\\\n\s*", " ", ctr_unit)
     for unit in (pod_unit, ctr_unit):
         assert "RestartSec=10" in unit
         assert "Restart=on-failure" in unit

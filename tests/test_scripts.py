@@ -203,6 +203,7 @@ def test_first_run_creates_the_pod_hands_it_to_systemd_and_waits_for_health(pod_
     assert only(calls, "podman", "create") == [
         [
             "podman", "create", "--pod", "llmux_pod", "--name", "llmux_ctr",
+            "--stop-timeout", "30",
             "--user", "0:0",
             "--device", "nvidia.com/gpu=all",
             "--volume", f"{pod_host.models}:/models:ro",
@@ -311,7 +312,8 @@ def test_dry_run_prints_every_command_and_runs_none(pod_host: Host) -> None:
         f"+ podman image exists {IMAGE}",
         "+ nvidia-ctk cdi list",
         "+ podman pod create --name llmux_pod --publish 127.0.0.1:8081:8081",
-        "+ podman create --pod llmux_pod --name llmux_ctr --user 0:0 --device nvidia.com/gpu=all "
+        "+ podman create --pod llmux_pod --name llmux_ctr --stop-timeout 30 --user 0:0 "
+        "--device nvidia.com/gpu=all "
         f"--volume {pod_host.models}:/models:ro --volume {pod_host.config}:/config:ro "
         f"--env LLMUX_CONFIG_DIR=/config --env LLMUX_MODELS_DIR=/models {IMAGE}",
         "+ podman generate systemd --new --files --no-header --name llmux_pod",
