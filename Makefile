@@ -5,7 +5,7 @@ VENV := .venv
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup setup-dev serve test test-fast lint smoke soak keys
+.PHONY: setup setup-dev serve test test-fast lint smoke check soak keys
 
 setup:
 	scripts/setup.sh
@@ -35,6 +35,12 @@ lint: setup-dev
 # LLMUX_URL (default http://127.0.0.1:8081) and LLMUX_API_KEY (default: the embedded key file).
 smoke:
 	$(VENV)/bin/python scripts/smoke.py
+
+# The acceptance plan (TST-001..022) against a running llmux, as one table (docs/deploy.md
+# section 12): LLMUX_URL, LLMUX_API_KEY (an admin key; default: the embedded key file), and
+# CHECK_ARGS for more (e.g. CHECK_ARGS="--only TST-009,TST-010" or --json). Exits 1 if a row fails.
+check:
+	$(VENV)/bin/llmux check $(CHECK_ARGS)
 
 # Mixed traffic that keeps switching models, against its own bentoml serve of the embedded
 # default; exits non-zero on any 5xx, lost request, broken invariant or growing RSS.

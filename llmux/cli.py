@@ -3,11 +3,13 @@
     llmux ps                    what is where: name, type, size, where, in flight, last used
     llmux load NAME             make a model resident (the residency rules decide evictions)
     llmux unload NAME | --all   free the GPU of one model, or of all of them
+    llmux check [--production]  run the acceptance plan (TST-001..022) and print its table
     llmux keys ...              generate api_keys.yaml (python -m llmux.keys)
 
 The server: --url, else LLMUX_URL, else http://127.0.0.1:8081. The key (an admin key): --key,
 else LLMUX_API_KEY, else the embedded default's key file. Exit status: 0 done, 1 the server
-refused or failed (it says why), 2 usage, 3 the server cannot be reached, 4 the key was refused.
+refused or failed (it says why; for check: a row failed), 2 usage, 3 the server cannot be
+reached, 4 the key was refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from llmux import keys
+from llmux import check, keys
 from llmux.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8081"
@@ -115,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("name", nargs="?", help="a model's name (virtual or physical)")
     which.add_argument("--all", action="store_true", help="every resident model")
     commands.add_parser("keys", help="generate api_keys.yaml (python -m llmux.keys --help)")
+    add_check_parser(commands)
     args = parser.parse_args(argv)
     key = args.key or default_key()
+    if args.command == "check":
+        return run_check(args, key)
     try:
         if args.command == "ps":
             print(table(call(args.url, key, "GET", "/admin/models")["models"]))
@@ -131,6 +136,52 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmux: {exc}", file=sys.stderr)
         return exc.status
     return 0
+
+
+def add_check_parser(commands: Any) -> None:
+    plan = commands.add_parser(
+        "check",
+        help="run the acceptance plan (TST-001..022) against the server",
+        description="Run the acceptance plan against a running llmux and print a table of "
+        "TST-001..022: pass, fail or skipped, the figures, and why. It loads, evicts and "
+        "benchmarks models (an admin key). docs/deploy.md section 12 says what each row proves.",
+    )
+    plan.add_argument(
+        "--production",
+        action="store_true",
+        help="the deployed box: the pod, a GPU and the production registry must be there (what "
+        "is missing fails instead of being skipped)",
+    )
+    plan.add_argument("--gpu", action="store_true", help="a GPU is expected (no GPU fails)")
+    plan.add_argument(
+        "--public-url",
+        default=os.environ.get("LLMUX_PUBLIC_URL"),
+        help="llmux through Traefik, for TST-006 (e.g. http://kidirekt.kischdle.com)",
+    )
+    plan.add_argument("--only", help="these rows only, e.g. TST-004,TST-008")
+    plan.add_argument("--json", action="store_true", help="the rows as JSON")
+    plan.add_argument("--pod", default="llmux_pod")
+    plan.add_argument("--container", default="llmux_ctr")
+    plan.add_argument("--image", default=os.environ.get("LLMUX_IMAGE", "localhost/llmux:latest"))
+
+
+def run_check(args: argparse.Namespace, key: str | None) -> int:
+    only = [part.strip().upper() for part in args.only.split(",")] if args.only else None
+    unknown = [row for row in only or [] if row not in check.IDS]
+    if unknown:
+        print(f"llmux check: no row {', '.join(unknown)} (TST-001..TST-022)", file=sys.stderr)
+        return 2
+    options = check.Options(
+        url=args.url,
+        key=key,
+        production=args.production,
+        gpu=args.gpu,
+        public_url=args.public_url,
+        pod=args.pod,
+        container=args.container,
+        image=args.image,
+    )
+    return check.run(options, only=only, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,16 @@ class FakeGpu:
         return 16 * GIB
 
 
-def make_state(tmp_path: Path, *, gpu: bool, gate: threading.Event | None = None) -> AppState:
+def make_state(
+    tmp_path: Path,
+    *,
+    gpu: bool,
+    gate: threading.Event | None = None,
+    gpu_pause_s: float = 0.0,
+    registry: Registry = REGISTRY,
+) -> AppState:
+    """An app state on fake runners: the CPU ones pause 2 ms per unit of work, the served ones
+    `gpu_pause_s`; `gpu` gives residency a memory probe that sees a device."""
     config = write_config(tmp_path / "config", "physical_models: {}\nvirtual_models: {}\n")
     (config / "api_keys.yaml").write_text(
         f"api_keys:\n  - {{key: {TEST_KEY}, name: test-client}}\n"
@@ -149,20 +158,21 @@ def make_state(tmp_path: Path, *, gpu: bool, gate: threading.Event | None = None
     on_cpu: list[FakeModel] = []
 
     def serving_runner(pid: str) -> FakeModel:
-        served.append(FakeModel(pid, log))
+        served.append(FakeModel(pid, log, pause_s=gpu_pause_s))
         return served[-1]
 
     def cpu_runner(pid: str, spec: Any, models_dir: Path) -> FakeModel:
         on_cpu.append(FakeModel(f"{pid}", log, pause_s=0.002, gate=gate))
         return on_cpu[-1]
 
-    residency = Residency(REGISTRY, serving_runner, 16 * GIB, probe=FakeGpu() if gpu else None)
+    budget = int((registry.gpu_budget_gb or 16) * GIB)
+    residency = Residency(registry, serving_runner, budget, probe=FakeGpu() if gpu else None)
     state = AppState(
         settings=settings,
-        registry=REGISTRY,
+        registry=registry,
         keys=KeyRing.load(settings.api_keys_file),
         residency=residency,
-        chat=ChatService(REGISTRY, residency),
+        chat=ChatService(registry, residency),
         bench=Benchmark(cpu_runner=cpu_runner),
     )
     state.log, state.served, state.on_cpu = log, served, on_cpu  # type: ignore[attr-defined]
