@@ -27,9 +27,9 @@ BOUND_S = 20.0
 
 
 def test_sigterm_mid_stream_ends_the_stream_cleanly_within_the_grace(tmp_path: Path) -> None:
+    registry = f"physical_models:\n  gemma:\n{gemma_entry()}\n"
     config = write_config(
-        tmp_path / "config",
-        f"physical_models:\n  gemma:\n{gemma_entry()}\nvirtual_models:\n  Gemma: {{physical: gemma}}\n",
+        tmp_path / "config", registry + "virtual_models:\n  Gemma: {physical: gemma}\n"
     )
     proc, base, log = start_server(
         config, tmp_path, {"LLMUX_SHUTDOWN_GRACE_S": str(GRACE_S), "LLMUX_STREAM_STALL_S": "120"}
