@@ -330,3 +330,11 @@ def test_llmux_check_against_the_embedded_default(tmp_path: Path) -> None:
     assert "s per audio second" in rows["TST-022"]["details"][0]
     key_file = tmp_path / "xdg" / "llmux" / "api_keys.yaml"
     assert yaml.safe_load(key_file.read_text())["api_keys"][0]["role"] == "admin"
+
+
+def test_the_deploy_guide_maps_every_row_to_its_line_of_output() -> None:
+    guide = (REPO / "docs" / "deploy.md").read_text()
+    section = guide[guide.index("## 12. Check it: `llmux check`") :]
+    for check_id, name, _ in check.PLAN:
+        assert f"| `{check_id} {name}` |" in section, check_id
+    assert "llmux check --production" in section
