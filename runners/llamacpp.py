@@ -99,7 +99,13 @@ class LlamaCppChatRunner:
                 **placement,
             )
         except (ValueError, RuntimeError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load {model_file}: {exc}") from exc
+            size_gb = model_file.stat().st_size / 1024**3
+            raise ModelLoadError(
+                f"llama.cpp could not load {model_file} ({size_gb:.2f} GB): {exc}. A file that "
+                "passes the GGUF check but fails here is usually cut short or corrupt: "
+                "scripts/download_models.sh --force "
+                f"{self.physical_id} downloads it again."
+            ) from exc
         source = (
             read_template(self.spec.chat_template)
             if self.spec.chat_template
@@ -312,7 +318,7 @@ def _with_image_urls(request: GenerationRequest) -> list[dict[str, Any]]:
     return out
 
 
-def _vision_handler(mmproj: Path, template: str | None, *, use_gpu: bool) -> Any:
+def _vision_handler(mmproj: Path, template: str | None, *, use_gpu: bool = True) -> Any:
     """llama-cpp-python's multimodal handler, rendering with `template` (the registry's
     chat_template) instead of the GGUF's own when one is configured, as the text path does."""
     from llama_cpp.llama_chat_format import MTMDChatHandler
