@@ -180,3 +180,8 @@ def test_the_operator_command_needs_only_its_declared_dependencies(tmp_path: Pat
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert ps.returncode == 3, ps.stderr  # cannot reach the server: imports were fine
+    check = subprocess.run(
+        [sys.executable, "-m", "llmux.cli", "--url", "http://127.0.0.1:9", "--key", "k", "check"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "22 checks:" in check.stdout, check.stdout + check.stderr  # every row ran, none crashed
