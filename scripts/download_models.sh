@@ -148,6 +148,18 @@ while IFS=$'\t' read -r -u 3 id repo dir hf_args; do
   mkdir -p "$dir"
   rm -f "${dir}/${MARKER}"
   errlog=$(mktemp)
+  # A whole repository (transformers weights): its config.json and safetensors index first, so
+  # that a checkpoint that can never run here (gpt-oss not in MXFP4, weights over the GPU
+  # budget) is refused before gigabytes are fetched.
+  if [[ ${args[0]:-} == --exclude ]] &&
+    hf download "$repo" --include config.json --include '*.safetensors.index.json' \
+      --local-dir "$dir" >"$errlog" 2>&1 &&
+    ! fit=$("$python" "${script_dir}/download_plan.py" --config "$config" --fits "$dir" 2>&1); then
+    printf 'error: %s (%s) is not downloaded: %s\n' "$id" "$repo" "$fit" >&2
+    failed+=("$id")
+    rm -f "$errlog"
+    continue
+  fi
   # hf's output (progress bars included) goes to the terminal and to a file for the gated check.
   if "${cmd[@]}" 2>&1 | tee "$errlog"; then
     missing=()

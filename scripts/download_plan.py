@@ -179,6 +179,47 @@ def weight_problems(directory: Path) -> list[str]:
     return problems
 
 
+GIB = 1024**3
+# gpt-oss-20b's experts dequantized to bf16: what transformers loads from a checkpoint that is not
+# MXFP4 (runners/mxfp4.py refuses it rather than spilling).
+GPT_OSS_BF16_GB = 42
+
+
+def fit_problems(directory: Path, budget_gb: float) -> list[str]:
+    """Why the transformers checkpoint whose config.json (and safetensors index, if it has one)
+    lie in DIR cannot run on the GPU: read before its weights are downloaded."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return []  # nothing to judge by; the download's own verification reports a bad config
+    problems = []
+    quantization = config.get("quantization_config") or {}
+    if config.get("model_type") == "gpt_oss" and quantization.get("quant_method") != "mxfp4":
+        method = quantization.get("quant_method") or "none"
+        problems.append(
+            f"it is not an MXFP4 checkpoint (quantization: {method}), so transformers would load "
+            f"gpt-oss in bf16, about {GPT_OSS_BF16_GB} GB, which no {budget_gb:g} GB GPU holds "
+            "and llmux refuses. Use an MXFP4 repository (such as openai/gpt-oss-20b), or a GGUF "
+            "of it with backend: llamacpp in models.yaml"
+        )
+    for index in sorted(directory.glob("*.safetensors.index.json")):
+        try:
+            total = int(json.loads(index.read_text())["metadata"]["total_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if total > budget_gb * GIB:
+            problems.append(
+                f"its weights are {total / GIB:.1f} GB ({index.name}), more than the GPU budget "
+                f"of {budget_gb:g} GB, so it could never be loaded"
+            )
+    return problems
+
+
+def budget_gb(config: Path) -> float:
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    return float(data.get("gpu_budget_gb") or 16)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="models.yaml to read")
@@ -198,7 +239,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="instead of planning: check a whole-repository download in DIR (exit 1 if bad)",
     )
+    parser.add_argument(
+        "--fits",
+        type=Path,
+        metavar="DIR",
+        help="instead of planning: check, from the config.json and safetensors index in DIR, "
+        "that the checkpoint can run on the GPU budget of --config (exit 1 if not)",
+    )
     args = parser.parse_args(argv)
+    if args.fits is not None:
+        if args.config is None:
+            parser.error("--fits needs --config (for gpu_budget_gb)")
+        problems = fit_problems(args.fits, budget_gb(args.config))
+        for problem in problems:
+            print(f"{problem}.", file=sys.stderr)
+        return 1 if problems else 0
     if args.verify is not None:
         problems = weight_problems(args.verify)
         for problem in problems:

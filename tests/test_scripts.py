@@ -478,10 +478,22 @@ def test_paths_and_image_are_configurable(pod_host: Host, tmp_path: Path) -> Non
 # --- download_models.sh ---------------------------------------------------------------------------
 
 
+HEADER = ["--include", "config.json", "--include", "*.safetensors.index.json"]
+
+
+def is_header(call: list[str]) -> bool:
+    """The config.json-and-index fetch that precedes a whole repository's download."""
+    return call[3:7] == HEADER
+
+
+def weight_downloads(host: Host) -> list[list[str]]:
+    return [call for call in only(host.calls(), "hf", "download") if not is_header(call)]
+
+
 def hf_downloads(host: Host) -> dict[str, list[str]]:
-    """hf download calls by destination directory name (the physical id)."""
+    """hf download calls of the weights by destination directory name (the physical id)."""
     result = {}
-    for call in only(host.calls(), "hf", "download"):
+    for call in weight_downloads(host):
         local_dir = Path(call[call.index("--local-dir") + 1])
         assert local_dir.parent == host.models
         result[local_dir.name] = call
@@ -493,7 +505,12 @@ def test_downloads_every_registry_model_into_its_directory(dl_host: Host) -> Non
     assert result.returncode == 0, result.stderr
     registry = load_registry(REGISTRY)
     calls = hf_downloads(dl_host)
-    assert len(only(dl_host.calls(), "hf")) == len(registry.physical_models) == 9
+    assert len(weight_downloads(dl_host)) == len(registry.physical_models) == 9
+    # Each whole repository's header came first, so an impossible checkpoint is never fetched.
+    whole = [pid for pid, call in calls.items() if call[3] == "--exclude"]
+    assert whole and [c[2] for c in only(dl_host.calls(), "hf") if is_header(c)] == [
+        registry.physical_models[pid].model_id for pid in whole
+    ]
     for physical_id, model in registry.physical_models.items():
         call = calls[physical_id]
         assert call[2] == model.model_id
@@ -544,12 +561,50 @@ def test_models_come_from_the_registry_file_not_a_list_in_the_script(dl_host: Ho
     result = dl_host.run("download_models.sh", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert only(dl_host.calls(), "hf") == [
+        ["hf", "download", "acme/tiny", *HEADER, "--local-dir", str(dl_host.models / "tiny-llm")],
         ["hf", "download", "acme/tiny", "--exclude", "original/*", "--exclude", "metal/*",
          "--exclude", "*.gguf", "--exclude", "onnx/*", "--local-dir",
          str(dl_host.models / "tiny-llm")],
         ["hf", "download", "acme/tiny-GGUF", "tiny-Q4_K_M.gguf", "--local-dir",
          str(dl_host.models / "gguf/tiny")],
     ]  # fmt: skip
+
+
+GPT_OSS_BF16_CONFIG = '{"model_type": "gpt_oss", "torch_dtype": "bfloat16"}'
+GPT_OSS_MXFP4_CONFIG = '{"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}'
+
+
+def test_a_gpt_oss_checkpoint_that_is_not_mxfp4_is_refused_before_its_weights(
+    dl_host: Host,
+) -> None:
+    """aoxo/gpt-oss-20b-uncensored, if it is bf16, is ~42 GB no 16 GB GPU holds: say so before
+    fetching it, and fetch the rest."""
+    dl_host.set_state("config.aoxo_gpt-oss-20b-uncensored", GPT_OSS_BF16_CONFIG)
+    dl_host.set_state("config.openai_gpt-oss-20b", GPT_OSS_MXFP4_CONFIG)
+    result = dl_host.run("download_models.sh")
+    assert result.returncode == 1
+    assert (
+        "gpt-oss-20b-uncensored (aoxo/gpt-oss-20b-uncensored) is not downloaded: it is not an "
+        "MXFP4 checkpoint (quantization: none), so transformers would load gpt-oss in bf16, "
+        "about 42 GB"
+    ) in result.stderr
+    fetched = hf_downloads(dl_host)
+    assert "gpt-oss-20b-uncensored" not in fetched  # only its config.json came
+    assert "gpt-oss-20b" in fetched  # the MXFP4 one, and everything else, downloads
+    assert len(fetched) == 8
+    assert "not downloaded: gpt-oss-20b-uncensored" in result.stderr
+
+
+def test_weights_over_the_gpu_budget_are_refused_before_they_are_fetched(dl_host: Host) -> None:
+    index = '{"metadata": {"total_size": 19000000000}, "weight_map": {}}'
+    dl_host.set_state("index.Qwen_Qwen3.5-4B", index)
+    result = dl_host.run("download_models.sh", "--only", "qwen3.5-4b")
+    assert result.returncode == 1
+    assert (
+        "its weights are 17.7 GB (model.safetensors.index.json), more than the GPU budget of 16 GB"
+        in (result.stderr)
+    )
+    assert hf_downloads(dl_host) == {}
 
 
 def test_second_run_downloads_nothing(dl_host: Host) -> None:
