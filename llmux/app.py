@@ -37,7 +37,7 @@ from llmux.voices import load_voices
 from llmux_policy.executor import Residency
 from llmux_policy.memory import GIB, MemoryProbe, default_budget_bytes
 from llmux_policy.metrics import ResidencyMetricsSink
-from runners.base import Runner
+from runners.base import Runner, pin_malloc_thresholds
 from runners.factory import make_runner
 
 log = logging.getLogger("llmux.app")
@@ -89,6 +89,7 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        pin_malloc_thresholds()  # before any model's buffers: the worker's RSS stays flat
         background = []
         if state.registry.preload:
             background.append(

@@ -171,13 +171,38 @@ def torch_device_bytes(*modules: Any) -> int | None:
     return total or None
 
 
+# glibc's mallopt parameters, and the value both thresholds are pinned at (glibc's own start).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HOST_MALLOC_THRESHOLD = 128 * 1024
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def pin_malloc_thresholds() -> None:
+    """Keep glibc from raising its mmap and trim thresholds after large frees (it raises them up
+    to 32/64 MB). Raised, they let each backend's native threads keep the freed top of their own
+    arena resident for good, and malloc_trim shrinks only the main arena's top: with backends
+    taking turns in one process the idle RSS then ratcheted up by 1-6 MB per load, an allocator
+    effect, not a leak (measured: docs in README, "Reliability"). Pinned, blocks of 128 KiB and
+    more are mapped and unmapped on their own. Idempotent; a no-op off glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_TRIM_THRESHOLD, HOST_MALLOC_THRESHOLD)
+        libc.mallopt(M_MMAP_THRESHOLD, HOST_MALLOC_THRESHOLD)
+
+
 def release_host_memory() -> None:
     """Give freed host memory back to the OS after an unload: glibc keeps freed heap pages of a
     model's host-side buffers (tokenizers, ONNX sessions, llama.cpp's host allocations) in its
     arenas, and the worker's RSS would ratchet up with every swap. A no-op off glibc."""
     gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if libc is None:
         return
+    pin_malloc_thresholds()
     libc.malloc_trim(0)
