@@ -30,6 +30,13 @@ The rules, in the order they are applied:
 Evictions are listed in the order they should run: replacements first, then victims in eviction
 order. Once step 2 has passed, evicting everything else always makes room, so the only refusal is
 a model that exceeds the budget on its own, or one that would need a higher-priority model gone.
+
+The warm tier (host RAM) has a plan of its own, `plan_parking(warm, parking, host_budget_bytes)`:
+a model evicted from the GPU whose runner can park is kept warm when the host budget allows, the
+least recently used warm models going cold (dropped) first to make room for it. A warm model on
+its way back to the GPU (`unparking`) never goes cold meanwhile; a model that does not fit the
+host budget beside those is dropped. Bringing a warm model back needs no plan of its own: it is a
+load like any other (`plan_residency`), only faster.
 """
 
 from __future__ import annotations
@@ -128,6 +135,66 @@ class Refuse:
 
 
 Plan = AlreadyResident | Load | Wait | Refuse
+
+
+@dataclass(frozen=True)
+class Warm:
+    """A model parked in host memory (or one about to be), as the planner sees it.
+
+    `last_used` is on the same scale as `Resident.last_used`. An `unparking` model is on its way
+    back to the GPU: it still holds its host memory, but is never sent cold."""
+
+    physical_id: str
+    host_bytes: int
+    last_used: float = 0
+    unparking: bool = False
+
+
+@dataclass(frozen=True)
+class Park:
+    """Send `cold` to disk (drop them), in this order, then park `physical_id` warm."""
+
+    physical_id: str
+    cold: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Drop:
+    """`physical_id` does not fit the host budget: drop it as a model that cannot park."""
+
+    physical_id: str
+    reason: str
+
+
+ParkPlan = Park | Drop
+
+
+def plan_parking(warm: Sequence[Warm], parking: Warm, host_budget_bytes: int) -> ParkPlan:
+    """Decide whether a model leaving the GPU stays warm in host memory. Pure.
+
+    Warm models go cold least recently used first, only as many as the new one needs; when even
+    all of them (less those unparking) are not enough, it is dropped and nothing goes cold."""
+    ids = [model.physical_id for model in warm]
+    if len(set(ids)) != len(ids) or parking.physical_id in ids:
+        raise ValueError(f"a physical model is listed twice in the warm tier: {sorted(ids)}")
+    kept = sum(model.host_bytes for model in warm if model.unparking)
+    if kept + parking.host_bytes > host_budget_bytes:
+        return Drop(
+            parking.physical_id,
+            f"{parking.physical_id} needs {_gib(parking.host_bytes)} of host memory; the host "
+            f"budget is {_gib(host_budget_bytes)}"
+            + (f", {_gib(kept)} of it held by models on their way back" if kept else ""),
+        )
+    used = sum(model.host_bytes for model in warm)
+    cold: list[str] = []
+    for model in sorted(warm, key=lambda model: model.last_used):
+        if used + parking.host_bytes <= host_budget_bytes:
+            break
+        if model.unparking:
+            continue
+        cold.append(model.physical_id)
+        used -= model.host_bytes
+    return Park(parking.physical_id, tuple(cold))
 
 
 def may_evict(request_type: ModelType, victim_type: ModelType) -> bool:

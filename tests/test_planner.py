@@ -11,14 +11,19 @@ from hypothesis import strategies as st
 from llmux.core.config import ModelType
 from llmux_policy.planner import (
     AlreadyResident,
+    Drop,
     Eviction,
     Load,
+    Park,
+    ParkPlan,
     Plan,
     Refuse,
     Request,
     Resident,
     ResidentState,
     Wait,
+    Warm,
+    plan_parking,
     plan_residency,
 )
 
@@ -382,3 +387,148 @@ def test_request_sequences_keep_the_invariants(
         assert sum(model.footprint_bytes for model in state.values()) <= budget
         assert sum(model.type == "llm" for model in state.values()) <= 1
         assert sum(model.type == "tts" for model in state.values()) <= 1
+
+
+# --- the warm tier: which evicted models stay in host memory ------------------------------------
+
+
+def warm(physical_id: str, gib: float, last_used: float = 0, *, unparking: bool = False) -> Warm:
+    return Warm(physical_id, int(gib * GIB), last_used, unparking)
+
+
+PARKING_CASES = [
+    ("room for it: nothing goes cold", [warm("a", 4, 1)], warm("new", 4, 9), 8, Park("new", ())),
+    ("empty tier", [], warm("new", 8, 9), 8, Park("new", ())),
+    (
+        "least recently used goes cold first, only as many as needed",
+        [warm("a", 4, 3), warm("b", 4, 1), warm("c", 4, 2)],
+        warm("new", 10, 9),
+        16,
+        Park("new", ("b", "c")),
+    ),
+    (
+        "a model on its way back never goes cold",
+        [warm("back", 4, 1, unparking=True), warm("a", 4, 2)],
+        warm("new", 4, 9),
+        8,
+        Park("new", ("a",)),
+    ),
+    (
+        "bigger than the whole host budget: dropped, nothing goes cold",
+        [warm("a", 1, 1)],
+        warm("new", 9, 9),
+        8,
+        Drop("new", "new needs 9.0 GiB of host memory; the host budget is 8.0 GiB"),
+    ),
+    (
+        "no room beside a model on its way back: dropped",
+        [warm("back", 6, 1, unparking=True), warm("a", 1, 2)],
+        warm("new", 4, 9),
+        8,
+        Drop(
+            "new",
+            "new needs 4.0 GiB of host memory; the host budget is 8.0 GiB, 6.0 GiB of it held "
+            "by models on their way back",
+        ),
+    ),
+    (
+        "no warm tier at all",
+        [],
+        warm("new", 1, 9),
+        0,
+        Drop("new", "new needs 1.0 GiB of host memory; the host budget is 0.0 GiB"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("warm_tier", "parking", "host_budget_gib", "expected"),
+    [case[1:] for case in PARKING_CASES],
+    ids=[case[0] for case in PARKING_CASES],
+)
+def test_parking(
+    warm_tier: list[Warm], parking: Warm, host_budget_gib: int, expected: ParkPlan
+) -> None:
+    assert plan_parking(warm_tier, parking, host_budget_gib * GIB) == expected
+
+
+def test_a_model_listed_twice_in_the_warm_tier_is_a_caller_bug() -> None:
+    with pytest.raises(ValueError, match="twice"):
+        plan_parking([warm("a", 1)], warm("a", 1), 8 * GIB)
+
+
+def check_parking(tier: list[Warm], parking: Warm, host_budget: int, plan: ParkPlan) -> None:
+    by_id = {model.physical_id: model for model in tier}
+    held_back = sum(model.host_bytes for model in tier if model.unparking)
+    if isinstance(plan, Drop):
+        assert held_back + parking.host_bytes > host_budget
+        return
+    cold = [by_id[physical_id] for physical_id in plan.cold]
+    assert len(set(plan.cold)) == len(plan.cold)
+    assert not any(model.unparking for model in cold)
+    kept = [model for model in tier if model.physical_id not in plan.cold]
+    kept_bytes = sum(model.host_bytes for model in kept)
+    assert kept_bytes + parking.host_bytes <= host_budget
+    if cold:  # the last one to go cold was needed
+        assert kept_bytes + cold[-1].host_bytes + parking.host_bytes > host_budget
+    for gone in cold:  # least recently used first
+        for model in kept:
+            if not model.unparking:
+                assert gone.last_used <= model.last_used, (gone, model)
+
+
+@st.composite
+def warm_scenarios(
+    draw: st.DrawFn,
+) -> tuple[list[Request], dict[str, int], int, int, list[int]]:
+    """A catalogue, each model's host bytes, the GPU and host budgets, and the models asked for."""
+    types = st.sampled_from(["llm", "tts", "asr", "embedding"])
+    catalogue = [
+        Request(f"m{i}", draw(types), draw(st.integers(1, 20)))
+        for i in range(draw(st.integers(2, 8)))
+    ]
+    host_bytes = {model.physical_id: draw(st.integers(1, 20)) for model in catalogue}
+    budget = draw(st.integers(4, 24))
+    host_budget = draw(st.integers(0, 40))
+    asked = draw(st.lists(st.integers(0, len(catalogue) - 1), min_size=1, max_size=30))
+    return catalogue, host_bytes, budget, host_budget, asked
+
+
+@settings(max_examples=300, deadline=None)
+@given(warm_scenarios())
+def test_request_sequences_keep_the_host_budget_and_the_gpu_invariants(
+    scenario: tuple[list[Request], dict[str, int], int, int, list[int]],
+) -> None:
+    """The executor's warm tier, played with the two pure plans: every eviction asks
+    `plan_parking`, a warm model asked for is on its way back while room is made for it."""
+    catalogue, host_bytes, budget, host_budget, asked = scenario
+    resident: dict[str, Resident] = {}
+    tier: dict[str, Warm] = {}
+    for tick, index in enumerate(asked, start=1):
+        request = catalogue[index]
+        if request.physical_id in tier:
+            tier[request.physical_id] = replace(tier[request.physical_id], unparking=True)
+        plan = plan_residency(list(resident.values()), request, budget)
+        check_plan(list(resident.values()), request, budget, plan)
+        if isinstance(plan, Load):
+            for eviction in plan.evictions:
+                gone = resident.pop(eviction.physical_id)
+                parking = Warm(gone.physical_id, host_bytes[gone.physical_id], gone.last_used)
+                parked = plan_parking(list(tier.values()), parking, host_budget)
+                check_parking(list(tier.values()), parking, host_budget, parked)
+                if isinstance(parked, Park):
+                    for physical_id in parked.cold:
+                        del tier[physical_id]
+                    tier[gone.physical_id] = parking
+            tier.pop(request.physical_id, None)  # unparked, or loaded from disk
+            resident[request.physical_id] = Resident(
+                request.physical_id, request.type, request.footprint_bytes, 0, tick
+            )
+        elif request.physical_id in tier:  # refused: it stays warm
+            tier[request.physical_id] = replace(tier[request.physical_id], unparking=False)
+
+        assert sum(model.host_bytes for model in tier.values()) <= host_budget
+        assert not set(tier) & set(resident), "a model both warm and resident"
+        assert sum(model.footprint_bytes for model in resident.values()) <= budget
+        assert sum(model.type == "llm" for model in resident.values()) <= 1
+        assert sum(model.type == "tts" for model in resident.values()) <= 1
