@@ -5,7 +5,7 @@ VENV := .venv
 export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup setup-dev serve test test-fast lint smoke check soak keys
+.PHONY: setup setup-dev serve test test-fast lint smoke check soak keys bench bench-quick
 
 setup:
 	scripts/setup.sh
@@ -25,7 +25,7 @@ test-fast: setup-dev lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 # ruff (lint + format check) and mypy over the packages; both must be clean.
-LINTED := service.py llmux runners llmux_policy scripts tests
+LINTED := service.py llmux runners llmux_policy scripts tests bench
 lint: setup-dev
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
@@ -47,6 +47,19 @@ check:
 # SOAK_REQUESTS (default 2000), SOAK_CLIENTS (default 8). CI runs a short one (tests/reliability).
 soak: setup
 	$(VENV)/bin/python scripts/soak.py --requests $(or $(SOAK_REQUESTS),2000) --clients $(or $(SOAK_CLIENTS),8)
+
+# Side-by-side figures (docs/benchmarks.md): llmux against the same weights in process, against
+# llama_cpp.server and a bare Starlette app under the same server, interleaved, medians over
+# rounds; a table, PASS/FAIL lines for issue #16's targets, and JSON in $(BENCH_JSON).
+# BENCH_ROUNDS (default 5), BENCH_TOKENS (streamed per answer, 128), BENCH_TOOLS (Open WebUI
+# tools, up to 36), BENCH_ARGS for more (e.g. --only gateway_llamacpp,endpoints).
+BENCH_JSON ?= build/bench.json
+bench: setup-dev
+	$(VENV)/bin/python -m bench --json $(BENCH_JSON) $(if $(BENCH_ROUNDS),--rounds $(BENCH_ROUNDS)) $(if $(BENCH_TOKENS),--tokens $(BENCH_TOKENS)) $(if $(BENCH_TOOLS),--tools $(BENCH_TOOLS)) $(BENCH_ARGS)
+
+# The same, as short as it goes (a minute or two): every section once, small workloads.
+bench-quick: setup-dev
+	$(VENV)/bin/python -m bench --quick --json $(BENCH_JSON) $(BENCH_ARGS)
 
 # Keys for the production config dir: make keys CLIENTS="open-webui opencode" OUT=config/api_keys.yaml
 keys: setup

@@ -1,0 +1,237 @@
+"""Gateway overhead and concurrency: the same weights streamed in process, through
+llama_cpp.server and through llmux, interleaved round by round; then 1, 4 and 8 streams at once
+on each backend.
+
+llama.cpp rows use the embedded default's chat model (Qwen2.5-Coder 0.5B GGUF). The transformers
+rows use a tiny random-weight Qwen-style model built for the run (tests/tiny_models.py): there is
+no real small transformers chat model installed, so only its ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from bench.clients import StreamResult, concurrent_streams, stream_chat
+from bench.context import MAIN_CONTEXT, MAIN_GGUF, MAIN_LLM, TINY_LLM, Bench
+from bench.inprocess import Isolated, LlamaInProcess, TransformersInProcess
+from bench.servers import KEY, start_llama_server
+from bench.stats import Section, difference, interleave, median, percentile, ratio
+from bench.tiny import PROMPT as TINY_PROMPT
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+TINY_NOTE = (
+    "the transformers model is a tiny random-weight Qwen3.5-style model built for the run "
+    "(tests/tiny_models.py): its tokens cost almost nothing, so only the ratios mean anything, "
+    "and they show llmux's per-token and per-request overhead at its most visible"
+)
+
+
+def run_rounds(
+    contenders: dict[str, Callable[[], StreamResult]], rounds: int
+) -> dict[str, list[StreamResult]]:
+    """One warm-up each, then `rounds` rounds, each contender once per round in a rotating
+    order."""
+    names = list(contenders)
+    for name in names:
+        contenders[name]()
+    results: dict[str, list[StreamResult]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in interleave(names, index):
+            results[name].append(contenders[name]())
+    return results
+
+
+def gateway_section(
+    key: str, title: str, results: dict[str, list[StreamResult]], baseline: str
+) -> Section:
+    section = Section(
+        key,
+        title,
+        [
+            "path",
+            "tok/s",
+            "x in-process",
+            "TTFT ms",
+            "added TTFT ms",
+            "tokens",
+            "prompt tokens",
+            "errors",
+        ],
+    )
+    base_rate = median(r.decode_tok_s for r in results[baseline] if r.error is None)
+    base_ttft = median(r.ttft_s for r in results[baseline] if r.error is None)
+    base_text = next((r.text for r in results[baseline] if r.error is None), None)
+    for name, runs in results.items():
+        good = [r for r in runs if r.error is None]
+        rate = median(r.decode_tok_s for r in good)
+        ttft = median(r.ttft_s for r in good)
+        added = difference(ttft, base_ttft)
+        section.rows.append(
+            {
+                "path": name,
+                "tok/s": rate,
+                "x in-process": ratio(rate, base_rate),
+                "TTFT ms": None if ttft is None else ttft * 1000,
+                "added TTFT ms": None if added is None else added * 1000,
+                "tokens": median(r.tokens for r in good),
+                "prompt tokens": median(r.prompt_tokens for r in good),
+                "errors": len(runs) - len(good),
+            }
+        )
+        slug = name.replace(".", "_").replace("-", "_").replace(" ", "_")
+        if name != baseline:
+            section.figures[f"{slug}_tok_s_ratio"] = ratio(rate, base_rate)
+            section.figures[f"{slug}_added_ttft_ms"] = None if added is None else added * 1000
+        if good and good[0].counted_from != "usage":
+            section.notes.append(f"{name} sends no usage in a stream: tokens counted from chunks")
+        if base_text and good and name != baseline and good[0].text != base_text:
+            section.notes.append(f"{name}'s text differs from {baseline}'s (same prompt, greedy)")
+        errors = [r.error for r in runs if r.error]
+        if errors:
+            section.notes.append(f"{name}: {errors[0]}")
+    section.notes.append(
+        "tok/s: tokens after the first over the time from the first token to the finish; "
+        "TTFT from sending the request; medians over the rounds; each round reuses the prompt, "
+        "so every contender's KV cache holds its prefix and TTFT is one step plus the path"
+    )
+    return section
+
+
+def gateway_llamacpp(bench: Bench) -> Section:
+    opts = bench.options
+    gguf = bench.models_dir / MAIN_GGUF
+    messages = [{"role": "user", "content": PROMPT}]
+    body: dict[str, Any] = {
+        "model": MAIN_LLM,
+        "messages": messages,
+        "max_tokens": opts.tokens,
+        "temperature": 0,
+    }
+    # llama_cpp.server's own sampling defaults (top_k 40, min_p 0.05, repeat_penalty 1.1) made
+    # plain, as llmux asks of llama.cpp: the same sampler chain, the same greedy tokens.
+    plain = {**body, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+    bench.admin("POST", f"/models/{MAIN_LLM}/load")
+    local = Isolated(LlamaInProcess, gguf, MAIN_CONTEXT)
+    local.call("set_prompt", messages)
+    server = start_llama_server(bench.work, gguf, MAIN_CONTEXT)
+    try:
+        with httpx.Client() as client:
+            results = run_rounds(
+                {
+                    "in-process": lambda: local.call("stream", opts.tokens),
+                    "llama_cpp.server": lambda: stream_chat(client, server.base, "none", plain),
+                    "llmux": lambda: stream_chat(client, bench.llmux.base, KEY, body),
+                },
+                opts.rounds,
+            )
+    finally:
+        server.stop()
+        local.close()
+    section = gateway_section(
+        "gateway_llamacpp",
+        f"gateway overhead, llama.cpp: {MAIN_LLM} GGUF, {opts.tokens} tokens streamed",
+        results,
+        "in-process",
+    )
+    section.notes.append(
+        "in-process: Llama.generate token by token, each detokenized, in a process of its own; "
+        "llama_cpp.server: "
+        "python -m llama_cpp.server on the same GGUF (same n_ctx, n_gpu_layers -1, threads)"
+    )
+    return section
+
+
+def gateway_transformers(bench: Bench) -> Section:
+    opts = bench.options
+    assert bench.tiny_model is not None
+    messages = [{"role": "user", "content": TINY_PROMPT}]
+    body: dict[str, Any] = {
+        "model": TINY_LLM,
+        "messages": messages,
+        "max_tokens": opts.tokens,
+        "temperature": 0,
+    }
+    bench.admin("POST", f"/models/{TINY_LLM}/load")
+    local = Isolated(TransformersInProcess, bench.tiny_model)
+    local.call("set_prompt", messages, {"enable_thinking": False})
+    try:
+        with httpx.Client() as client:
+            results = run_rounds(
+                {
+                    "in-process": lambda: local.call("stream", opts.tokens),
+                    "llmux": lambda: stream_chat(client, bench.llmux.base, KEY, body),
+                },
+                opts.rounds,
+            )
+    finally:
+        local.close()
+    section = gateway_section(
+        "gateway_transformers",
+        f"gateway overhead, transformers: tiny random model, {opts.tokens} tokens streamed",
+        results,
+        "in-process",
+    )
+    section.notes.append(
+        "in-process: model.generate on a thread, greedy, timed by a streamer, in a process "
+        "of its own"
+    )
+    section.notes.append(TINY_NOTE)
+    return section
+
+
+def concurrency(bench: Bench, backend: str) -> Section:
+    opts = bench.options
+    if backend == "llamacpp":
+        model, tokens, prompt = MAIN_LLM, opts.concurrency_tokens, PROMPT
+    else:
+        model, tokens, prompt = TINY_LLM, opts.tokens, TINY_PROMPT
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "temperature": 0,
+    }
+    bench.admin("POST", f"/models/{model}/load")
+    concurrent_streams(bench.llmux.base, KEY, body, 1)  # warm-up
+    levels = list(opts.concurrency)
+    bursts: dict[int, list[Any]] = {k: [] for k in levels}
+    for index in range(max(1, min(opts.rounds, 3))):
+        for streams in interleave(levels, index):
+            bursts[streams].append(concurrent_streams(bench.llmux.base, KEY, body, streams))
+            time.sleep(0.2)
+    section = Section(
+        f"concurrency_{backend}",
+        f"concurrency, {backend}: {model}, {tokens} tokens per stream",
+        ["streams", "aggregate tok/s", "x 1 stream", "TTFT p50 ms", "TTFT p95 ms", "errors"],
+    )
+    single = median(b.aggregate_tok_s for b in bursts[levels[0]])
+    for streams in levels:
+        results = [r for b in bursts[streams] for r in b.results]
+        ttfts = [r.ttft_s * 1000 for r in results if r.ttft_s is not None and r.error is None]
+        aggregate = median(b.aggregate_tok_s for b in bursts[streams])
+        section.rows.append(
+            {
+                "streams": streams,
+                "aggregate tok/s": aggregate,
+                "x 1 stream": ratio(aggregate, single),
+                "TTFT p50 ms": percentile(ttfts, 0.5),
+                "TTFT p95 ms": percentile(ttfts, 0.95),
+                "errors": sum(b.errors for b in bursts[streams]),
+            }
+        )
+        if streams != levels[0]:
+            section.figures[f"aggregate_{streams}_over_{levels[0]}"] = ratio(aggregate, single)
+        errors = [r.error for r in results if r.error]
+        if errors:
+            section.notes.append(f"{streams} streams: {errors[0]}")
+    section.notes.append(
+        "aggregate tok/s: the tokens of all streams over the wall time from the first sent to "
+        "the last finished; TTFT percentiles over every stream of every round"
+    )
+    if backend != "llamacpp":
+        section.notes.append(TINY_NOTE)
+    return section

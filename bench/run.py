@@ -1,0 +1,131 @@
+"""`python -m bench`: start the servers, run every section, print the tables and the targets,
+write the JSON.
+
+    python -m bench [--quick] [--rounds N] [--tokens N] [--tools N] [--only a,b] [--json PATH]
+
+Exit status: 0 when every section measured something (whatever the targets say), 1 when one
+could not be measured (its error is in the report), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import endpoints, gateway, openwebui, residency, speech
+from bench.context import Bench, Options
+from bench.inprocess import run_isolated
+from bench.machine import describe, load_average
+from bench.report import render
+from bench.servers import REPO, models_dir, write_llmux_config
+from bench.stats import Section
+from bench.targets import evaluate
+from bench.tiny import build_tiny_chat_model
+
+SECTIONS: dict[str, tuple[str, Callable[[Bench], Section]]] = {
+    "cold_load": ("cold load", residency.cold_load),
+    "endpoints": ("cheap endpoints", endpoints.cheap_endpoints),
+    "gateway_llamacpp": ("gateway overhead, llama.cpp", gateway.gateway_llamacpp),
+    "concurrency_llamacpp": (
+        "concurrency, llama.cpp",
+        lambda bench: gateway.concurrency(bench, "llamacpp"),
+    ),
+    "openwebui": ("Open WebUI pattern", openwebui.openwebui),
+    "swap": ("swap A->B->A", residency.swap),
+    "gateway_transformers": ("gateway overhead, transformers", gateway.gateway_transformers),
+    "concurrency_transformers": (
+        "concurrency, transformers",
+        lambda bench: gateway.concurrency(bench, "transformers"),
+    ),
+    "speech": ("speech real-time factors", speech.speech),
+}
+
+
+def parse(argv: list[str] | None) -> tuple[Options, list[str], Path]:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a very short run (CI)")
+    parser.add_argument("--rounds", type=int, help="rounds per comparison (default 5)")
+    parser.add_argument("--tokens", type=int, help="tokens per streamed answer (default 128)")
+    parser.add_argument("--tools", type=int, help="Open WebUI tools sent, up to 36 (default 36)")
+    parser.add_argument("--only", help="comma-separated sections: " + ", ".join(SECTIONS))
+    parser.add_argument("--json", type=Path, default=REPO / "build" / "bench.json")
+    args = parser.parse_args(argv)
+    options = Options.quick_run() if args.quick else Options()
+    changes: dict[str, Any] = {}
+    for name in ("rounds", "tokens", "tools"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{name} must be at least 1")
+            changes[name] = value
+    options = dataclasses.replace(options, **changes)
+    only = [s.strip() for s in args.only.split(",")] if args.only else list(SECTIONS)
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; known: {', '.join(SECTIONS)}")
+    return options, only, args.json
+
+
+def say(message: str, started: float) -> None:
+    print(f"bench [{time.perf_counter() - started:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+def run(options: Options, only: list[str], started: float) -> dict[str, Any]:
+    machine = describe(REPO)
+    sections: dict[str, Section] = {}
+    with tempfile.TemporaryDirectory(prefix="llmux-bench-") as tmp:
+        work = Path(tmp)
+        tiny: Path | None = None
+        if any(key.endswith("transformers") for key in only):
+            say("building the tiny transformers model", started)
+            tiny = run_isolated(build_tiny_chat_model, work / "tiny-transformers")
+        config = write_llmux_config(work, tiny)
+        say(f"starting llmux and the bare app ({options.startup_rounds} time(s) each)", started)
+        sections["startup"], llmux, bare = endpoints.start_both(
+            work, config, options.startup_rounds
+        )
+        bench = Bench(options, work, models_dir(), llmux, bare, tiny)
+        try:
+            for key in only:
+                title, measure = SECTIONS[key]
+                say(title, started)
+                try:
+                    sections[key] = measure(bench)
+                except Exception as exc:
+                    traceback.print_exc()
+                    sections[key] = Section(key, title, [], error=f"{type(exc).__name__}: {exc}")
+                if key == "endpoints" and bench.bare is not None:
+                    bench.bare.stop()  # its CPU and memory are not needed any more
+                    bench.bare = None
+                bench.unload_all()
+        finally:
+            llmux.stop()
+            bare.stop()
+    machine["load_average_at_end"] = load_average()
+    report: dict[str, Any] = {
+        "machine": machine,
+        "settings": dataclasses.asdict(options),
+        "sections": {key: section.as_json() for key, section in sections.items()},
+    }
+    report["targets"] = evaluate(report["sections"])
+    report["elapsed_s"] = time.perf_counter() - started
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    options, only, json_path = parse(argv)
+    started = time.perf_counter()
+    report = run(options, only, started)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(render(report))
+    print(f"JSON: {json_path}")
+    return 1 if any(s["error"] for s in report["sections"].values()) else 0

@@ -1,0 +1,106 @@
+"""The targets of issue #16 that later work must meet, checked against a run's figures.
+
+The bench reports each as a PASS or FAIL line; it never fails because of one (a target is where
+the code should get to, not a test). A figure the run could not measure is UNMEASURED.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Status = Literal["PASS", "FAIL", "UNMEASURED"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    section: str
+    figure: str
+    op: Literal[">=", "<="]
+    limit: float
+    unit: str = ""
+
+    def judge(self, value: float | None) -> Status:
+        if value is None:
+            return "UNMEASURED"
+        ok = value >= self.limit if self.op == ">=" else value <= self.limit
+        return "PASS" if ok else "FAIL"
+
+
+TARGETS = (
+    Target(
+        "streaming tok/s through llmux / in process, llama.cpp",
+        "gateway_llamacpp",
+        "llmux_tok_s_ratio",
+        ">=",
+        0.98,
+        "x",
+    ),
+    Target(
+        "streaming tok/s through llmux / in process, transformers",
+        "gateway_transformers",
+        "llmux_tok_s_ratio",
+        ">=",
+        0.98,
+        "x",
+    ),
+    Target(
+        "TTFT added by llmux, llama.cpp",
+        "gateway_llamacpp",
+        "llmux_added_ttft_ms",
+        "<=",
+        10.0,
+        " ms",
+    ),
+    Target(
+        "TTFT added by llmux, transformers",
+        "gateway_transformers",
+        "llmux_added_ttft_ms",
+        "<=",
+        10.0,
+        " ms",
+    ),
+    Target("/v1/models requests/s", "endpoints", "llmux_models_rps", ">=", 1500.0, " req/s"),
+    Target(
+        "second tool-heavy message TTFT / first (Open WebUI pattern)",
+        "openwebui",
+        "second_over_first_ttft",
+        "<=",
+        0.3,
+        "x",
+    ),
+    Target(
+        "8 concurrent streams / 1 stream, aggregate tok/s, transformers",
+        "concurrency_transformers",
+        "aggregate_8_over_1",
+        ">=",
+        3.0,
+        "x",
+    ),
+)
+
+
+def evaluate(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target with the run's value and its status; `sections` as in the JSON report."""
+    verdicts = []
+    for target in TARGETS:
+        figures = sections.get(target.section, {}).get("figures", {})
+        value = figures.get(target.figure)
+        value = float(value) if isinstance(value, int | float) else None
+        status = target.judge(value)
+        shown = "not measured" if value is None else f"{value:.2f}{target.unit}"
+        verdicts.append(
+            {
+                "name": target.name,
+                "section": target.section,
+                "figure": target.figure,
+                "value": value,
+                "op": target.op,
+                "limit": target.limit,
+                "status": status,
+                "line": f"{status:<10} {target.name}: {shown} "
+                f"(target {target.op} {target.limit:g}{target.unit})",
+            }
+        )
+    return verdicts

@@ -1,0 +1,271 @@
+"""`make bench` (bench/): its pure parts here, and one quick run against real servers (slow).
+
+The quick run checks that every section measured something and that the machine is described;
+whether issue #16's targets pass is what the bench reports, never what a test asserts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.clients import StreamResult, _read_response, stream_chat
+from bench.context import METRIC_SUM, Options
+from bench.openwebui_tools import openwebui_tools
+from bench.report import cell, render, table
+from bench.run import SECTIONS, parse
+from bench.stats import Section, interleave, median, numbers_in, percentile, ratio
+from bench.targets import TARGETS, evaluate
+from tests.conftest import GEMMA, MODELS_DIR, REPO, real_models
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def test_median_and_percentile_skip_what_was_not_measured() -> None:
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([None, None]) is None
+    assert percentile([1, 2, 3, 4, 5], 0.5) == 3
+    assert percentile([0, 10], 0.95) == pytest.approx(9.5)
+    assert percentile([], 0.5) is None
+
+
+def test_ratio_is_none_without_both_figures() -> None:
+    assert ratio(3, 2) == 1.5
+    assert ratio(None, 2) is None and ratio(1, None) is None and ratio(1, 0) is None
+
+
+def test_interleave_rotates_so_no_contender_always_goes_first() -> None:
+    names = ["a", "b", "c"]
+    firsts = {interleave(names, i)[0] for i in range(3)}
+    assert firsts == set(names)
+    assert all(sorted(interleave(names, i)) == names for i in range(5))
+    assert interleave([], 3) == []
+
+
+def test_numbers_in_reads_rows_and_figures_not_text_or_flags() -> None:
+    section = Section("k", "t", ["a", "b"], rows=[{"a": "x", "b": 2}, {"a": True, "b": None}])
+    section.figures = {"f": 0.5, "g": None}
+    assert numbers_in(section.as_json()) == [2.0, 0.5]
+
+
+# --- targets ----------------------------------------------------------------------------------
+
+
+def test_the_issue_targets_are_all_there() -> None:
+    limits = {(t.figure, t.op, t.limit) for t in TARGETS}
+    assert ("llmux_tok_s_ratio", ">=", 0.98) in limits
+    assert ("llmux_added_ttft_ms", "<=", 10.0) in limits
+    assert ("llmux_models_rps", ">=", 1500.0) in limits
+    assert ("second_over_first_ttft", "<=", 0.3) in limits
+    assert ("aggregate_8_over_1", ">=", 3.0) in limits
+    assert {t.section for t in TARGETS} <= {*SECTIONS, "startup"}
+
+
+def test_targets_pass_fail_or_unmeasured() -> None:
+    sections = {
+        "gateway_llamacpp": {"figures": {"llmux_tok_s_ratio": 0.99, "llmux_added_ttft_ms": 12}},
+        "endpoints": {"figures": {"llmux_models_rps": None}},
+    }
+    verdicts = {(v["section"], v["figure"]): v for v in evaluate(sections)}
+    assert verdicts[("gateway_llamacpp", "llmux_tok_s_ratio")]["status"] == "PASS"
+    ttft = verdicts[("gateway_llamacpp", "llmux_added_ttft_ms")]
+    assert ttft["status"] == "FAIL" and "12.00 ms (target <= 10 ms)" in ttft["line"]
+    assert verdicts[("endpoints", "llmux_models_rps")]["status"] == "UNMEASURED"
+    assert verdicts[("openwebui", "second_over_first_ttft")]["status"] == "UNMEASURED"
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def test_cells_read_as_a_person_reads_them() -> None:
+    assert [cell(v) for v in (None, 1234.5, 123.4, 12.34, 1.234, 1500, "x")] == [
+        "-",
+        "1,234",
+        "123",
+        "12.3",
+        "1.23",
+        "1,500",
+        "x",
+    ]
+
+
+def test_table_aligns_numbers_right_and_text_left() -> None:
+    lines = table(["path", "tok/s"], [{"path": "in-process", "tok/s": 80.1}, {"path": "x"}])
+    assert lines[0] == "path        tok/s"
+    assert lines[2] == "in-process   80.1"
+    assert lines[3] == "x" + " " * 15 + "-"
+
+
+def test_render_shows_machine_sections_and_targets() -> None:
+    section = Section("endpoints", "cheap endpoints", ["path", "req/s"])
+    section.rows.append({"path": "/v1/models", "req/s": 900.0})
+    section.figures["llmux_models_rps"] = 900.0
+    report: dict[str, Any] = {
+        "machine": {"cpu": "Test CPU", "cores": 2},
+        "settings": {"rounds": 1},
+        "sections": {"endpoints": section.as_json()},
+        "elapsed_s": 3.0,
+    }
+    report["targets"] = evaluate(report["sections"])
+    text = render(report)
+    assert "cpu: Test CPU" in text and "== cheap endpoints" in text and "/v1/models" in text
+    assert "FAIL       /v1/models requests/s: 900.00 req/s (target >= 1500 req/s)" in text
+
+
+# --- workloads and parsing --------------------------------------------------------------------
+
+
+def test_openwebui_tools_are_36_and_about_25_kb() -> None:
+    tools = openwebui_tools()
+    names = [t["function"]["name"] for t in tools]
+    assert len(tools) == 36 and len(set(names)) == 36
+    assert 20_000 < len(json.dumps(tools)) < 30_000
+    assert all(t["type"] == "function" and t["function"]["parameters"]["type"] == "object"
+               for t in tools)  # fmt: skip
+    assert len(openwebui_tools(3)) == 3 and len(openwebui_tools(99)) == 36
+
+
+def test_decode_rate_leaves_the_first_token_out() -> None:
+    result = StreamResult(ttft_s=0.5, finish_s=1.5, tokens=11)
+    assert result.decode_tok_s == pytest.approx(10.0)
+    assert StreamResult(ttft_s=0.5, finish_s=1.5, tokens=1).decode_tok_s is None
+
+
+def _sse(*chunks: dict[str, Any]) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+def _serve(body: bytes, status: int = 200) -> httpx.Client:
+    return httpx.Client(
+        transport=httpx.MockTransport(lambda _: httpx.Response(status, content=body))
+    )
+
+
+def test_stream_tokens_come_from_usage_when_the_server_sends_it() -> None:
+    body = _sse(
+        {"choices": [{"delta": {"role": "assistant"}}]},
+        {"choices": [{"delta": {"content": "Hello there"}}]},  # two tokens merged in one chunk
+        {"choices": [{"delta": {}, "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}},
+    )
+    with _serve(body) as client:
+        result = stream_chat(client, "http://x", "k", {"model": "m", "messages": []})
+    assert result.error is None and result.tokens == 2 and result.prompt_tokens == 7
+    assert result.counted_from == "usage" and result.text == "Hello there"
+    assert result.ttft_s is not None and result.finish_s is not None
+
+
+def test_stream_without_usage_counts_chunks_and_says_so() -> None:
+    body = _sse(
+        {"choices": [{"delta": {"content": "a"}}]},
+        {"choices": [{"delta": {"reasoning_content": "b"}}]},
+        {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+    )
+    with _serve(body) as client:
+        result = stream_chat(client, "http://x", "k", {})
+    assert result.tokens == 2 and result.counted_from == "chunks"
+
+
+def test_stream_errors_are_reported_not_raised() -> None:
+    with _serve(b'{"error": {"message": "no"}}', status=503) as client:
+        assert (stream_chat(client, "http://x", "k", {}).error or "").startswith("HTTP 503")
+    with _serve(_sse({"choices": [{"delta": {"content": "a"}}]})) as client:
+        assert stream_chat(client, "http://x", "k", {}).error == (
+            "the stream ended without a finish_reason"
+        )
+
+
+def test_read_response_takes_content_length_and_chunked_bodies() -> None:
+    async def read(raw: bytes) -> tuple[int, bytes]:
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw + b"NEXT")
+        status = await _read_response(reader)
+        return status, await reader.read(4)
+
+    sized = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+    chunked = b"HTTP/1.1 401 No\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    assert asyncio.run(read(sized)) == (200, b"NEXT")
+    assert asyncio.run(read(chunked)) == (401, b"NEXT")
+
+
+def test_metric_sums_are_read_from_bentoml_multiprocess_output() -> None:
+    text = (
+        'llmux_model_load_seconds_sum{model="gemma3-270m"} 1.04\n'
+        'llmux_swap_seconds_sum{model="gemma3-270m"} 1.05\n'
+        "llmux_swap_wait_seconds_sum 1.05\n"
+        'llmux_model_load_seconds_count{model="gemma3-270m"} 1.0\n'
+    )
+    found = {(m["series"], m["model"]): float(m["value"]) for m in METRIC_SUM.finditer(text)}
+    assert found == {
+        ("llmux_model_load_seconds", "gemma3-270m"): 1.04,
+        ("llmux_swap_seconds", "gemma3-270m"): 1.05,
+    }
+
+
+def test_arguments_quick_overrides_and_sections() -> None:
+    options, only, _ = parse(["--quick", "--rounds", "2", "--only", "endpoints,swap"])
+    assert options.quick and options.rounds == 2 and options.tokens == Options.quick_run().tokens
+    assert only == ["endpoints", "swap"]
+    options, only, path = parse(["--json", "out.json"])
+    assert options == Options() and only == list(SECTIONS) and path == Path("out.json")
+    with pytest.raises(SystemExit):
+        parse(["--only", "nonsense"])
+    with pytest.raises(SystemExit):
+        parse(["--rounds", "0"])
+
+
+# --- one quick run against real servers -------------------------------------------------------
+
+QWEN = MODELS_DIR / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+
+QUICK_MARKS = real_models(QWEN, GEMMA, MODELS_DIR / "whisper-base", MODELS_DIR / "piper-joe")
+
+
+def _marked(function: Any) -> Any:
+    for mark in QUICK_MARKS:
+        function = mark(function)
+    return function
+
+
+@_marked
+def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {
+        **os.environ,
+        "LLMUX_MODELS_DIR": str(MODELS_DIR),
+        "HOME": str(tmp_path),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    report = json.loads(out.read_text())
+    machine = report["machine"]
+    for key in ("cpu", "cores", "memory_gib", "gpu", "llama_cpp_build", "os", "packages"):
+        assert machine.get(key), key
+    sections = report["sections"]
+    assert set(sections) == {"startup", *SECTIONS}
+    for key, section in sections.items():
+        assert section["error"] is None, (key, section["error"])
+        assert section["rows"] and numbers_in(section), key
+    assert len(report["targets"]) == len(TARGETS)
+    assert all(t["status"] in ("PASS", "FAIL", "UNMEASURED") for t in report["targets"])
+    assert "targets (issue #16" in run.stdout and "machine:" in run.stdout
