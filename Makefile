@@ -6,6 +6,7 @@ export BENTOML_DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup setup-dev serve test test-fast lint smoke check soak keys bench bench-quick
+.PHONY: setup-cluster e2e-cluster
 
 setup:
 	scripts/setup.sh
@@ -25,7 +26,7 @@ test-fast: setup-dev lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 # ruff (lint + format check) and mypy over the packages; both must be clean.
-LINTED := service.py llmux runners llmux_policy scripts tests bench
+LINTED := service.py llmux runners llmux_policy scripts tests bench deploy/litellm
 lint: setup-dev
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
@@ -64,3 +65,16 @@ bench-quick: setup-dev
 # Keys for the production config dir: make keys CLIENTS="open-webui opencode" OUT=config/api_keys.yaml
 keys: setup
 	$(VENV)/bin/python -m llmux.keys --out $(or $(OUT),config/api_keys.yaml) $(CLIENTS)
+
+# LiteLLM in front of llmux replicas (docs/scaling.md). LiteLLM's pins clash with the dev venv's
+# (huggingface_hub, rich), so it gets its own venv under build/.
+CLUSTER_VENV := build/venv-cluster
+setup-cluster:
+	test -x $(CLUSTER_VENV)/bin/python || python3 -m venv $(CLUSTER_VENV)
+	$(CLUSTER_VENV)/bin/pip install -q -r requirements-cluster.txt
+
+# LiteLLM's proxy and two bentoml serve replicas of the embedded default on loopback, two clients
+# alternating between the two LLMs: the swaps counted from /metrics with residency-aware routing
+# and with LiteLLM's least-busy alone (about 5 minutes on a 2-core laptop).
+e2e-cluster: setup-dev setup-cluster
+	$(VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/test_litellm_routing.py $(PYTEST_ARGS)
