@@ -35,9 +35,19 @@ from llmux.settings import Settings
 from llmux.state import AppState
 from llmux.voices import load_voices
 from llmux_policy.executor import Residency
-from llmux_policy.memory import GIB, MemoryProbe, default_budget_bytes
+from llmux_policy.memory import (
+    GIB,
+    MemoryProbe,
+    default_budget_bytes,
+    default_host_budget_bytes,
+)
 from llmux_policy.metrics import ResidencyMetricsSink
-from runners.base import Runner, pin_malloc_thresholds
+from runners.base import (
+    Runner,
+    host_available_bytes,
+    host_total_bytes,
+    pin_malloc_thresholds,
+)
 from runners.factory import make_runner
 
 log = logging.getLogger("llmux.app")
@@ -72,7 +82,12 @@ def build_state(
     def runner_for(physical_id: str) -> Runner:
         return make_runner(physical_id, registry.physical_models[physical_id], settings.models_dir)
 
-    residency = Residency(registry, runner_for, budget, probe=probe, metrics=metrics)
+    host_budget = default_host_budget_bytes(
+        registry.host_budget_gb, host_total_bytes(), host_available_bytes()
+    )
+    residency = Residency(
+        registry, runner_for, budget, probe=probe, metrics=metrics, host_budget_bytes=host_budget
+    )
     return AppState(
         settings=settings,
         registry=registry,

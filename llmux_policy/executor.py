@@ -42,6 +42,13 @@ Contracts:
   The difference is what the load took (weights, mostly), not what inference adds later (KV cache,
   activations), and it also counts whatever else moved meanwhile (a resident model serving): the
   budget's margin has to cover both.
+- The warm tier: a model evicted to make room (`replace_same_type`, `make_room`) or for being idle,
+  whose runner is `Parkable`, parks in host memory when `plan_parking` finds room for it in the
+  host budget (least recently used warm models are dropped first); otherwise, or when the park
+  fails, it is dropped as before (logged). A request for a warm model is a swap like any other
+  (same lock, same plan, same holds) that calls `unpark` instead of `preflight` and `load`: no
+  disk is read. An unpark that fails falls back to a load from disk within the same swap. An
+  operator's unload and shutdown drop models, warm ones included.
 """
 
 from __future__ import annotations
@@ -68,23 +75,37 @@ from llmux_policy.memory import GIB, MemoryProbe
 from llmux_policy.metrics import EvictionCause, NoMetrics, ResidencyMetricsSink
 from llmux_policy.planner import (
     AlreadyResident,
+    Drop,
     Load,
+    Park,
     Plan,
     Refuse,
     Request,
     Resident,
     ResidentState,
     Wait,
+    Warm,
     eviction_key,
+    plan_parking,
     plan_residency,
 )
-from runners.base import ModelLoadError, OutOfDeviceMemory, Runner, release_host_memory
+from runners.base import (
+    ModelLoadError,
+    OutOfDeviceMemory,
+    Parkable,
+    Runner,
+    release_host_memory,
+)
 
 log = logging.getLogger(__name__)
 
 # Inference threads per model. Chat generations on one model take turns anyway; speech and
 # transcription may overlap a little; more threads would only compete for the same device.
 INFERENCE_THREADS = 4
+
+# Evictions after which a model that can park is kept warm. An operator's unload and shutdown
+# mean "give the memory back", so they drop it.
+PARKING_CAUSES: frozenset[EvictionCause] = frozenset({"replace_same_type", "make_room", "idle"})
 
 
 class ResidentInfo(TypedDict):
@@ -97,7 +118,17 @@ class ResidentInfo(TypedDict):
     in_flight: int
     evicting: bool  # a swap waits to evict it; new requests for it wait
     last_used_at: str | None  # ISO 8601, UTC
-    loads: int  # loads of this model that succeeded since start
+    loads: int  # loads of this model (from disk) that succeeded since start
+    unparks: int  # times it came back from the warm tier since start
+
+
+class WarmInfo(TypedDict):
+    physical_id: str
+    type: ModelType
+    host_bytes: int  # host memory it holds while parked
+    footprint_bytes: int  # what it will take on the GPU again
+    unparking: bool  # a swap is bringing it back
+    last_used_at: str | None  # ISO 8601, UTC
 
 
 class LoadError(TypedDict):
@@ -119,6 +150,9 @@ class ResidencySnapshot(TypedDict):
     last_load_errors: dict[str, LoadError]  # the last failed load of each model that had one
     closing: bool  # close() has begun: no new requests are taken
     models: list[ResidentInfo]
+    host_budget_bytes: int  # the warm tier's budget; 0: no warm tier
+    host_used_bytes: int  # sum of the warm models' host bytes
+    warm_models: list[WarmInfo]
 
 
 @dataclass(eq=False)
@@ -137,6 +171,19 @@ class _Entry:
     # kept until its first request ends, to measure that request's peak (see `_release`).
     baseline_bytes: int | None = None
     device_changes_at_load: int = 0
+
+
+@dataclass(eq=False)
+class _Parked:
+    """A model in the warm tier. Changed only by `Residency`, with `_swap_lock` held."""
+
+    physical_id: str
+    model: PhysicalModel
+    runner: Runner
+    host_bytes: int
+    last_used: int
+    last_used_at: float | None
+    unparking: bool = False
 
 
 @dataclass(eq=False)
@@ -164,6 +211,7 @@ class Residency:
     Create it and use it on one event loop. `runner_factory(physical_id)` makes a fresh runner for
     each load; it is called on a worker thread (it may import a backend) and must not load weights.
     `clock` gives wall-clock seconds for display only; the order of use is an internal counter.
+    `host_budget_bytes` is the warm tier's room in host memory (0: evicted models are dropped).
     """
 
     def __init__(
@@ -177,6 +225,7 @@ class Residency:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         thrash_window_s: float = 60.0,
+        host_budget_bytes: int = 0,
     ) -> None:
         self._registry = registry
         self._runner_factory = runner_factory
@@ -185,10 +234,13 @@ class Residency:
         self._metrics: ResidencyMetricsSink = metrics if metrics is not None else NoMetrics()
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._warm: dict[str, _Parked] = {}
+        self._host_budget = host_budget_bytes
         self._swaps: dict[str, _Swap] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._measured: dict[str, int] = {}
         self._loads: dict[str, int] = {}  # successful loads per model, for /health
+        self._unparks: dict[str, int] = {}  # successful unparks per model, for /health
         self._raised: dict[str, int] = {}  # estimates raised after out-of-memory loads
         self._at_rest_bytes: int | None = None  # device use with no model resident
         self._load_errors: dict[str, LoadError] = {}  # the last failed load of each model
@@ -210,6 +262,10 @@ class Residency:
     @property
     def budget_bytes(self) -> int:
         return self._budget
+
+    @property
+    def host_budget_bytes(self) -> int:
+        return self._host_budget
 
     def inference_threads(self, physical_id: str) -> ThreadPoolExecutor:
         """The worker threads for `physical_id`'s inference: a small pool per model, so that a
@@ -381,6 +437,22 @@ class Residency:
         raised and a plan that evicts everything it may (down to loading it alone).
         """
         physical_id = swap.physical_id
+        parked = self._warm.get(physical_id)
+        if parked is not None:
+            parked.unparking = True  # it must not go cold while room is made for it
+            try:
+                if not await self._make_room(swap, self._footprint(physical_id)):
+                    return None
+            finally:
+                parked.unparking = False
+            try:
+                return await self._load(physical_id, parked.runner, unpark=True)
+            except ModelLoadError as exc:
+                log.warning(
+                    "%r did not come back from host memory (%s); loading it from disk",
+                    physical_id,
+                    exc.message,
+                )
         runner = await self._prepare(physical_id)
         beside = sorted(self._entries)
         if not await self._make_room(swap, self._footprint(physical_id)):
@@ -455,9 +527,9 @@ class Residency:
         if len(recent) >= 2 and now - self._thrash_warned_at >= self._thrash_window_s:
             self._thrash_warned_at = now
             log.warning(
-                "LLMs are swapping back and forth (%s evicted within %.0f s): every switch is a "
-                "full load; give these clients one model, or use virtual models of one physical "
-                "model (switching between those costs no load)",
+                "LLMs are swapping back and forth (%s evicted within %.0f s): every switch moves "
+                "a whole model onto the GPU; give these clients one model, or use virtual models "
+                "of one physical model (switching between those costs no load)",
                 ", ".join(sorted(recent)),
                 self._thrash_window_s,
             )
@@ -526,6 +598,8 @@ class Residency:
         entry.state = "unloading"
         self._notify()
         try:
+            if reason in PARKING_CAUSES and await self._park(entry):
+                return
             await run_to_end(entry.runner.unload, executor=self._swap_thread)
             await run_to_end(release_host_memory, executor=self._swap_thread)
         except Exception:
@@ -536,6 +610,52 @@ class Residency:
             self._forget(entry)
             self._device_changes += 1
             self._metrics.evicted(entry.physical_id, reason)
+
+    async def _park(self, entry: _Entry) -> bool:
+        """Move an evicted model into the warm tier when its runner can park and the host budget
+        has room, dropping least recently used warm models first. False when it could not (the
+        caller drops it): no warm tier, a runner that cannot park, no room, or a failed park."""
+        runner = entry.runner
+        if self._host_budget <= 0 or not isinstance(runner, Parkable):
+            return False
+        physical_id = entry.physical_id
+        host_bytes = await run_to_end(runner.host_bytes, executor=self._swap_thread)
+        warm = [
+            Warm(p.physical_id, p.host_bytes, p.last_used, p.unparking) for p in self._warm.values()
+        ]
+        match plan_parking(warm, Warm(physical_id, host_bytes, entry.last_used), self._host_budget):
+            case Drop(reason=why):
+                log.info("%s is dropped, not parked: %s", physical_id, why)
+                self._metrics.parked(physical_id, "no_room")
+                return False
+            case Park(cold=cold):
+                for cold_id in cold:
+                    self._metrics.went_cold(cold_id)
+                    await self._go_cold(self._warm[cold_id])
+        try:
+            await run_to_end(runner.park, executor=self._swap_thread)
+        except Exception:
+            log.exception("parking %r in host memory failed; dropping it", physical_id)
+            self._metrics.parked(physical_id, "error")
+            return False
+        self._warm[physical_id] = _Parked(
+            physical_id, entry.model, runner, host_bytes, entry.last_used, entry.last_used_at
+        )
+        self._metrics.parked(physical_id, "ok")
+        self._metrics.warm_bytes(physical_id, host_bytes)
+        log.info("%s parked in host memory (%.2f GiB)", physical_id, host_bytes / GIB)
+        return True
+
+    async def _go_cold(self, parked: _Parked) -> None:
+        """Drop a warm model: its next request loads it from disk."""
+        del self._warm[parked.physical_id]
+        self._metrics.warm_bytes(parked.physical_id, 0)
+        self._notify()
+        try:
+            await run_to_end(parked.runner.unload, executor=self._swap_thread)
+            await run_to_end(release_host_memory, executor=self._swap_thread)
+        except Exception:
+            log.exception("dropping warm %r failed; treating it as dropped", parked.physical_id)
 
     async def _prepare(self, physical_id: str) -> Runner:
         """Make the model's runner and check, before anything is evicted for it, that it can
@@ -556,13 +676,17 @@ class Residency:
                 raise
             raise _load_failed(physical_id, exc) from exc
 
-    async def _load(self, physical_id: str, runner: Runner) -> _Entry:
-        """Load one model into the room made for it. Blocks for the whole load.
+    async def _load(self, physical_id: str, runner: Runner, *, unpark: bool = False) -> _Entry:
+        """Load one model into the room made for it (`unpark`: bring its warm runner back from
+        host memory instead). Blocks for the whole load.
 
         Returns the ready entry with no request counted in yet. On failure or cancellation nothing
-        of it stays registered and the runner has been asked to give back what it took.
+        of it stays registered (nor warm) and the runner has been asked to give back what it took.
         """
         started = time.monotonic()
+        if unpark:
+            del self._warm[physical_id]
+            self._metrics.warm_bytes(physical_id, 0)
         alone = not self._entries  # nothing else resident: the reading before is llmux at rest
         entry = _Entry(physical_id, self._registry.physical_models[physical_id], runner)
         self._entries[physical_id] = entry
@@ -570,19 +694,26 @@ class Residency:
         self._notify()
         try:
             before, measured, after = await run_to_end(
-                partial(self._load_and_measure, runner), executor=self._swap_thread
+                partial(self._load_and_measure, runner, unpark), executor=self._swap_thread
             )
         except BaseException as exc:
             self._forget(entry)
             cancelled = isinstance(exc, asyncio.CancelledError)
             outcome: Literal["cancelled", "error"] = "cancelled" if cancelled else "error"
-            self._metrics.load_finished(physical_id, outcome, time.monotonic() - started)
+            if unpark:
+                self._metrics.unpark_finished(physical_id, outcome, time.monotonic() - started)
+            else:
+                self._metrics.load_finished(physical_id, outcome, time.monotonic() - started)
             await self._discard(runner)
             if isinstance(exc, Exception) and not isinstance(exc, ModelLoadError):
                 raise _load_failed(physical_id, exc) from exc
             raise
-        self._metrics.load_finished(physical_id, "ok", time.monotonic() - started)
-        self._loads[physical_id] = self._loads.get(physical_id, 0) + 1
+        if unpark:
+            self._metrics.unpark_finished(physical_id, "ok", time.monotonic() - started)
+            self._unparks[physical_id] = self._unparks.get(physical_id, 0) + 1
+        else:
+            self._metrics.load_finished(physical_id, "ok", time.monotonic() - started)
+            self._loads[physical_id] = self._loads.get(physical_id, 0) + 1
         self._load_errors.pop(physical_id, None)
         self._device_changes += 1
         if measured is not None:
@@ -614,12 +745,18 @@ class Residency:
                 (in_use - counted) / GIB,
             )
 
-    def _load_and_measure(self, runner: Runner) -> tuple[int | None, int | None, int | None]:
-        """On a worker thread: load, reading device memory before and after when a probe can.
-        Returns (in use before, what the load took, in use after), each None without a
-        reading."""
+    def _load_and_measure(
+        self, runner: Runner, unpark: bool
+    ) -> tuple[int | None, int | None, int | None]:
+        """On a worker thread: load (or unpark), reading device memory before and after when a
+        probe can. Returns (in use before, what the load took, in use after), each None without
+        a reading."""
         before = self._probe.used_bytes() if self._probe is not None else None
-        runner.load()
+        if unpark:
+            assert isinstance(runner, Parkable)
+            runner.unpark()
+        else:
+            runner.load()
         after = self._probe.used_bytes() if self._probe is not None else None
         # A torch model counts its own tensors: torch's caching allocator may have put it into
         # blocks another model freed, so the device reading alone can say it took nothing.
@@ -665,8 +802,20 @@ class Residency:
                 "evicting": entry.evicting,
                 "last_used_at": _iso(entry.last_used_at),
                 "loads": self._loads.get(entry.physical_id, 0),
+                "unparks": self._unparks.get(entry.physical_id, 0),
             }
             for entry in self._entries.values()
+        ]
+        warm: list[WarmInfo] = [
+            {
+                "physical_id": parked.physical_id,
+                "type": parked.model.type,
+                "host_bytes": parked.host_bytes,
+                "footprint_bytes": self._footprint(parked.physical_id),
+                "unparking": parked.unparking,
+                "last_used_at": _iso(parked.last_used_at),
+            }
+            for parked in self._warm.values()
         ]
         return {
             "budget_bytes": self._budget,
@@ -680,6 +829,9 @@ class Residency:
             "last_load_errors": dict(self._load_errors),
             "closing": self._closed,
             "models": models,
+            "host_budget_bytes": self._host_budget,
+            "host_used_bytes": sum(model["host_bytes"] for model in warm),
+            "warm_models": warm,
         }
 
     async def unload(
@@ -688,9 +840,13 @@ class Residency:
         """Unload a resident model on request (the operator's, or its idle time running out),
         through the one-swap-at-a-time lock, as any eviction. New requests for it wait meanwhile
         (writer preference); those in flight get `wait_s` to finish. Returns False when it was
-        not resident; raises `ModelBusy` (409) when requests still hold it then (it stays)."""
+        not resident; raises `ModelBusy` (409) when requests still hold it then (it stays).
+        A resident model is dropped, not parked; a warm one is dropped from host memory."""
         async with self._swap_lock:
             entry = self._entries.get(physical_id)
+            if entry is None and physical_id in self._warm:
+                await self._go_cold(self._warm[physical_id])
+                return True
             if entry is None or entry.state != "ready":
                 return False
             marked = self._mark_evicting({physical_id}, set())
@@ -768,6 +924,8 @@ class Residency:
                     await self._changed.wait()
                 for entry in entries:
                     await self._evict(entry, "shutdown")
+                for parked in list(self._warm.values()):
+                    await self._go_cold(parked)
             finally:
                 self._mark_evicting(set(), marked)
         self._swap_thread.shutdown(wait=False)

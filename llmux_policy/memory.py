@@ -36,6 +36,26 @@ def default_budget_bytes(
     return configured if configured is not None else NO_GPU_BUDGET_BYTES
 
 
+# The warm tier's default share of the machine's memory, and what it leaves free of what is
+# available at start-up: the worker itself, tokenizers, audio buffers, the admin benchmark's
+# CPU copies, and the rest of the machine.
+HOST_SHARE = 0.5
+HOST_MARGIN_BYTES = 2 * GIB
+
+
+def default_host_budget_bytes(
+    configured_gb: float | None, total_bytes: int | None, available_bytes: int | None
+) -> int:
+    """The warm tier's budget: `host_budget_gb` when set (0 turns the tier off); else
+    `HOST_SHARE` of the machine's memory, never more than what is available now less
+    `HOST_MARGIN_BYTES`. Without a reading of the host's memory, no warm tier."""
+    if configured_gb is not None:
+        return int(configured_gb * GIB)
+    if total_bytes is None or available_bytes is None:
+        return 0
+    return max(0, min(int(total_bytes * HOST_SHARE), available_bytes - HOST_MARGIN_BYTES))
+
+
 class MemoryProbe(Protocol):
     """Reads how much device memory is in use now.
 

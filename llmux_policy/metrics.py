@@ -20,6 +20,14 @@ Series (the Counter names get `_total` appended by Prometheus):
 - `llmux_swap_wait_seconds`: histogram of how long requests waited for a swap.
 - `llmux_llm_swaps_total`: one LLM replacing another; a warning is logged when two alternate
   faster than the thrash window.
+- `llmux_model_parks_total{model, outcome}`: models evicted from the GPU that could park; outcome
+  ok (now warm in host memory), no_room (dropped: bigger than the host budget allows) or error
+  (the park failed, the model was dropped).
+- `llmux_model_unparks_total{model, outcome}`: warm models brought back to the GPU; outcome ok,
+  error or cancelled (an error falls back to a load from disk).
+- `llmux_model_unpark_seconds{model}`: histogram of successful unparks.
+- `llmux_model_warm_bytes{model}`: host memory of each warm model (0 once gone).
+- `llmux_model_cold_total{model}`: warm models dropped to make host room for a newer one.
 """
 
 from __future__ import annotations
@@ -29,6 +37,9 @@ from typing import Any, Literal, Protocol
 LoadOutcome = Literal["ok", "error", "cancelled"]
 EvictionCause = Literal["replace_same_type", "make_room", "shutdown", "admin", "idle"]
 
+ParkOutcome = Literal["ok", "no_room", "error"]
+
+UNPARK_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_SECONDS_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -48,6 +59,14 @@ class ResidencyMetricsSink(Protocol):
     def waited_for_swap(self, seconds: float) -> None: ...
 
     def llm_swapped(self) -> None: ...
+
+    def parked(self, physical_id: str, outcome: ParkOutcome) -> None: ...
+
+    def unpark_finished(self, physical_id: str, outcome: LoadOutcome, seconds: float) -> None: ...
+
+    def warm_bytes(self, physical_id: str, host_bytes: int) -> None: ...
+
+    def went_cold(self, physical_id: str) -> None: ...
 
 
 class NoMetrics:
@@ -72,6 +91,18 @@ class NoMetrics:
         pass
 
     def llm_swapped(self) -> None:
+        pass
+
+    def parked(self, physical_id: str, outcome: ParkOutcome) -> None:
+        pass
+
+    def unpark_finished(self, physical_id: str, outcome: LoadOutcome, seconds: float) -> None:
+        pass
+
+    def warm_bytes(self, physical_id: str, host_bytes: int) -> None:
+        pass
+
+    def went_cold(self, physical_id: str) -> None:
         pass
 
 
@@ -127,6 +158,38 @@ class ResidencyMetrics:
         self._llm_swaps = prometheus.Counter(
             "llmux_llm_swaps", "One LLM replacing another on the GPU.", **where
         )
+        self._parks = prometheus.Counter(
+            "llmux_model_parks",
+            "Models evicted from the GPU that could park in host memory, by outcome.",
+            ["model", "outcome"],
+            **where,
+        )
+        self._unparks = prometheus.Counter(
+            "llmux_model_unparks",
+            "Warm models brought back from host memory to the GPU, by outcome.",
+            ["model", "outcome"],
+            **where,
+        )
+        self._unpark_seconds = prometheus.Histogram(
+            "llmux_model_unpark_seconds",
+            "Seconds a successful unpark (host memory to GPU) took.",
+            ["model"],
+            buckets=UNPARK_SECONDS_BUCKETS,
+            **where,
+        )
+        self._warm_bytes = prometheus.Gauge(
+            "llmux_model_warm_bytes",
+            "Host memory of each model parked in the warm tier.",
+            ["model"],
+            multiprocess_mode="livesum",
+            **where,
+        )
+        self._cold = prometheus.Counter(
+            "llmux_model_cold",
+            "Warm models dropped to make room in the host budget for a newer one.",
+            ["model"],
+            **where,
+        )
 
     def load_finished(self, physical_id: str, outcome: LoadOutcome, seconds: float) -> None:
         self._loads.labels(model=physical_id, outcome=outcome).inc()
@@ -150,6 +213,20 @@ class ResidencyMetrics:
 
     def llm_swapped(self) -> None:
         self._llm_swaps.inc()
+
+    def parked(self, physical_id: str, outcome: ParkOutcome) -> None:
+        self._parks.labels(model=physical_id, outcome=outcome).inc()
+
+    def unpark_finished(self, physical_id: str, outcome: LoadOutcome, seconds: float) -> None:
+        self._unparks.labels(model=physical_id, outcome=outcome).inc()
+        if outcome == "ok":
+            self._unpark_seconds.labels(model=physical_id).observe(seconds)
+
+    def warm_bytes(self, physical_id: str, host_bytes: int) -> None:
+        self._warm_bytes.labels(model=physical_id).set(host_bytes)
+
+    def went_cold(self, physical_id: str) -> None:
+        self._cold.labels(model=physical_id).inc()
 
 
 class WorkerResidencyMetrics:
@@ -190,3 +267,15 @@ class WorkerResidencyMetrics:
 
     def llm_swapped(self) -> None:
         self._sink().llm_swapped()
+
+    def parked(self, physical_id: str, outcome: ParkOutcome) -> None:
+        self._sink().parked(physical_id, outcome)
+
+    def unpark_finished(self, physical_id: str, outcome: LoadOutcome, seconds: float) -> None:
+        self._sink().unpark_finished(physical_id, outcome, seconds)
+
+    def warm_bytes(self, physical_id: str, host_bytes: int) -> None:
+        self._sink().warm_bytes(physical_id, host_bytes)
+
+    def went_cold(self, physical_id: str) -> None:
+        self._sink().went_cold(physical_id)

@@ -6,11 +6,12 @@ runner through `Residency.use(...)`, which keeps it resident while they run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from llmux.core.errors import BadRequest, ModelUnavailable
 
@@ -41,6 +42,30 @@ class Runner(Protocol):
         """GPU memory the loaded model holds by its backend's own count (torch: its parameters
         and buffers on the device), or None where the backend cannot tell (llama.cpp, CTranslate2,
         ONNX, or no GPU): the executor then reads the device before and after the load."""
+
+
+@runtime_checkable
+class Parkable(Protocol):
+    """A runner that can step off the device into host memory and come back without reading its
+    weights again (the warm tier). Runners that cannot (llama.cpp's device weights) lack these
+    methods and are dropped on eviction, as before.
+
+    `park` and `unpark` block and run on the executor's swap thread, like `load` and `unload`,
+    and only on a loaded runner. After `park` the runner holds no device memory; after `unpark`
+    it serves exactly as after `load` (same tokens for a seeded request). `unload` works in
+    either state and drops everything.
+    """
+
+    def park(self) -> None:
+        """Move the model to host memory and give its device memory back. Raises
+        `HostOutOfMemory` (nothing moved) when the host cannot take it."""
+
+    def unpark(self) -> None:
+        """Move a parked model back to the device; reads nothing from disk. Raises
+        `OutOfDeviceMemory` like `load`, leaving the model parked."""
+
+    def host_bytes(self) -> int:
+        """Host memory the model holds once parked (asked before `park`, to plan for it)."""
 
 
 # Where a runner puts its model: "auto" is how llmux serves (the GPU when there is one, else the
@@ -81,6 +106,12 @@ class OutOfDeviceMemory(ModelLoadError):
     the executor raises the model's estimate and tries once more with more room."""
 
     code = "model_out_of_memory"
+
+
+class HostOutOfMemory(ModelLoadError):
+    """A park found too little free host memory for the model; it stayed on the device."""
+
+    code = "host_out_of_memory"
 
 
 class NotLoaded(ModelLoadError):
@@ -169,6 +200,90 @@ def torch_device_bytes(*modules: Any) -> int | None:
             if tensor.is_cuda:
                 total += tensor.numel() * tensor.element_size()
     return total or None
+
+
+def torch_bytes(*modules: Any) -> int:
+    """Bytes of the parameters and buffers of `modules`, wherever they live."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for module in modules
+        if module is not None
+        for tensor in [*module.parameters(), *module.buffers()]
+    )
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo; None where there is none (not Linux)."""
+    return _meminfo("MemAvailable")
+
+
+def host_total_bytes() -> int | None:
+    """MemTotal from /proc/meminfo; None where there is none (not Linux)."""
+    return _meminfo("MemTotal")
+
+
+def _meminfo(field: str) -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def park_torch_modules(physical_id: str, device: Any, *modules: Any) -> None:
+    """`park` for torch models: on CUDA, move `modules` to host memory (pinned when the host has
+    room for it twice over: a pinned copy comes back at full PCIe speed, but page-locked memory
+    cannot be swapped out) and empty the cache. On the CPU there is nothing to move: the loaded
+    modules stay as they are, and their bytes count against the host budget instead. `device`
+    is where the runner loaded them (a torch.device or its name)."""
+    if not str(device).startswith("cuda"):
+        return
+    needed = torch_bytes(*modules)
+    available = host_available_bytes()
+    if available is not None and needed > available:
+        raise HostOutOfMemory(
+            f"parking {physical_id!r} needs {needed / 1024**3:.1f} GiB of host memory; "
+            f"{available / 1024**3:.1f} GiB is available"
+        )
+    pin = available is not None and 2 * needed <= available
+    for module in modules:
+        if module is not None:
+            module.to("cpu")
+            if pin:
+                _pin(module)
+    free_device_memory(on_cuda=True)
+
+
+def unpark_torch_modules(physical_id: str, device: Any, *modules: Any) -> None:
+    """`unpark` for torch models: move `modules` back to `device` (a no-op on the CPU). Out of
+    device memory, what moved goes back to the host and `OutOfDeviceMemory` is raised."""
+    if not str(device).startswith("cuda"):
+        return
+    import torch
+
+    message: str | None = None
+    try:
+        for module in modules:
+            if module is not None:
+                module.to(device, non_blocking=True)
+        torch.cuda.synchronize(device)
+    except torch.cuda.OutOfMemoryError as exc:
+        message = str(exc)
+    if message is not None:
+        for module in modules:
+            if module is not None:
+                module.to("cpu")
+        free_device_memory(on_cuda=True)
+        raise OutOfDeviceMemory(f"{physical_id!r} does not fit in the free GPU memory: {message}")
+
+
+def _pin(module: Any) -> None:
+    """Page-lock a CPU module's tensors in place; left unpinned where pinning fails."""
+    try:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.pin_memory()
+    except RuntimeError:
+        pass
 
 
 # glibc's mallopt parameters, and the value both thresholds are pinned at (glibc's own start).

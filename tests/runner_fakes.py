@@ -24,3 +24,16 @@ class RecordingRunner:
 
     def device_bytes(self) -> None:
         return None
+
+
+class ParkingRecordingRunner(RecordingRunner):
+    """A RecordingRunner that can park (the warm tier); notes "park" and "unpark" too."""
+
+    def park(self) -> None:
+        self._note("park", self.physical_id)
+
+    def unpark(self) -> None:
+        self._note("unpark", self.physical_id)
+
+    def host_bytes(self) -> int:
+        return 1024**3

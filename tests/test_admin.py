@@ -21,7 +21,7 @@ from llmux.settings import Settings
 from llmux.state import AppState
 from llmux_policy.executor import Residency
 from tests.conftest import TEST_KEY, LiveServer, write_config
-from tests.runner_fakes import RecordingRunner
+from tests.runner_fakes import ParkingRecordingRunner, RecordingRunner
 
 GIB = 1024**3
 ADMIN_KEY = "sk-llmux-admin-key-for-the-tests"
@@ -59,6 +59,11 @@ def fake_runner(physical_id: str, log: list[tuple[str, str]]) -> RecordingRunner
 
 @pytest.fixture
 def state(tmp_path: Path) -> AppState:
+    return make_state(tmp_path)
+
+
+def make_state(tmp_path: Path, *, host_budget: int = 0) -> AppState:
+    """The app's state over fake runners; with a host budget they park (the warm tier)."""
     config = write_config(tmp_path / "config", "physical_models: {}\nvirtual_models: {}\n")
     (config / "api_keys.yaml").write_text(
         f"api_keys:\n  - {{key: {TEST_KEY}, name: test-client}}\n"
@@ -66,7 +71,13 @@ def state(tmp_path: Path) -> AppState:
     )
     settings = Settings(config_dir=config, models_dir=tmp_path)
     log: list[tuple[str, str]] = []
-    residency = Residency(REGISTRY, lambda pid: fake_runner(pid, log), 16 * GIB)
+
+    def runner(physical_id: str) -> RecordingRunner:
+        if not host_budget:
+            return fake_runner(physical_id, log)
+        return ParkingRecordingRunner(physical_id, lambda what, pid: log.append((what, pid)))
+
+    residency = Residency(REGISTRY, runner, 16 * GIB, host_budget_bytes=host_budget)
     made = AppState(
         settings=settings,
         registry=REGISTRY,
@@ -121,6 +132,27 @@ def test_load_list_and_unload_through_the_residency_rules(
     assert admin(http, "POST", "/admin/unload-all").json() == {"unloaded": ["ears"]}
     assert state.residency.snapshot()["models"] == []
     assert admin(http, "POST", "/admin/models/nope/load").status_code == 404
+
+
+def test_warm_models_show_on_the_host_and_unload_all_drops_them_too(tmp_path: Path) -> None:
+    from llmux.app import create_app
+
+    state = make_state(tmp_path, host_budget=8 * GIB)
+    with TestClient(create_app(state.settings, state), base_url="http://llmux.test") as http:
+        admin(http, "POST", "/admin/models/A/load")
+        admin(http, "POST", "/admin/models/B/load")  # A parks in host memory
+        rows = {m["id"]: m for m in admin(http, "GET", "/admin/models").json()["models"]}
+        assert (rows["llm-a"]["where"], rows["llm-b"]["where"]) == ("host", "gpu")
+        assert rows["ears"]["where"] == "disk"
+        health = http.get("/health").json()
+        assert health["warm_models"]["llm-a"]["host_bytes"] == GIB
+        assert (health["host_budget_bytes"], health["host_used_bytes"]) == (8 * GIB, GIB)
+
+        unloaded = admin(http, "POST", "/admin/unload-all").json()["unloaded"]
+
+        assert sorted(unloaded) == ["llm-a", "llm-b"]
+        assert state.calls[-2:] == [("unload", "llm-b"), ("unload", "llm-a")]  # type: ignore[attr-defined]
+        assert http.get("/health").json()["warm_models"] == {}
 
 
 async def test_unload_waits_for_requests_in_flight_then_reports_busy(state: AppState) -> None:

@@ -316,6 +316,7 @@ async def test_concurrent_requests_share_one_load(stage: Stage) -> None:
         "evicting": False,
         "last_used_at": None,
         "loads": 0,
+        "unparks": 0,
     }
 
     gate.set()
@@ -337,6 +338,7 @@ async def test_concurrent_requests_share_one_load(stage: Stage) -> None:
         "evicting": False,
         "last_used_at": "2023-11-14T22:13:20+00:00",
         "loads": 1,
+        "unparks": 0,
     }
 
 

@@ -186,6 +186,13 @@ class Registry(StrictModel):
         description="GPU memory kept free beside the models: the CUDA context, library "
         "workspaces and allocator fragmentation, which measured footprints do not cover.",
     )
+    host_budget_gb: float | None = Field(
+        None,
+        ge=0,
+        description="Host memory the warm tier may fill with models evicted from the GPU, kept "
+        "there so that switching back skips the disk; 0 turns the warm tier off. Default: half "
+        "the machine's memory, never more than what is available at start-up less 2 GB.",
+    )
     preload: list[str] = Field(
         default_factory=list,
         description="Physical models loaded, in this order, after start-up (through the "

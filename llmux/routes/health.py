@@ -16,9 +16,11 @@ async def health(request: Request) -> dict[str, Any]:
     state = AppState.of(request)
     snapshot = state.residency.snapshot()
     loaded = {model.pop("physical_id"): model for model in snapshot.pop("models")}  # type: ignore[misc]
+    warm = {model.pop("physical_id"): model for model in snapshot.pop("warm_models")}  # type: ignore[misc]
     return {
         "status": "ok",
         "loaded_models": loaded,
+        "warm_models": warm,
         **snapshot,
         "models_configured": len(state.registry.virtual_models),
         "api_keys_configured": not state.keys.empty,

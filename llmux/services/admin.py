@@ -33,6 +33,7 @@ def models(state: AppState) -> list[dict[str, Any]]:
     """Every physical model: its names, type, footprints, where it is, and its activity."""
     snapshot = state.residency.snapshot()
     resident = {m["physical_id"]: m for m in snapshot["models"]}
+    warm = {m["physical_id"] for m in snapshot["warm_models"]}
     errors = snapshot["last_load_errors"]
     rows = []
     for physical_id, physical in state.registry.physical_models.items():
@@ -45,7 +46,7 @@ def models(state: AppState) -> list[dict[str, Any]]:
                 ],
                 "type": physical.type,
                 "backend": physical.backend,
-                "where": "gpu" if here else "disk",
+                "where": "gpu" if here else "host" if physical_id in warm else "disk",
                 "state": here["state"] if here else None,
                 "footprint_bytes": here["footprint_bytes"] if here else physical.footprint_bytes,
                 "in_flight": here["in_flight"] if here else 0,
@@ -72,11 +73,13 @@ async def load(state: AppState, name: str, client: str) -> dict[str, Any]:
 
 
 async def unload(state: AppState, name: str | None, client: str) -> list[str]:
-    """Unload one model (or every resident one when `name` is None); the ids unloaded."""
+    """Unload one model (or every resident and warm one when `name` is None); the ids unloaded.
+    An unloaded model is dropped, not parked: the operator asked for its memory back."""
+    snapshot = state.residency.snapshot()
     targets = (
         [physical_id_of(state, name)]
         if name is not None
-        else [m["physical_id"] for m in state.residency.snapshot()["models"]]
+        else [m["physical_id"] for m in [*snapshot["models"], *snapshot["warm_models"]]]
     )
     log.info("admin %s: unload %s", client, ", ".join(targets) or "(nothing resident)")
     return [t for t in targets if await state.residency.unload(t, wait_s=UNLOAD_WAIT_S)]
