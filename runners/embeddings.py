@@ -29,10 +29,13 @@ from runners.base import (
     NotLoaded,
     Runner,
     free_device_memory,
+    park_torch_modules,
     require_backend,
     require_files,
+    torch_bytes,
     torch_device,
     torch_device_bytes,
+    unpark_torch_modules,
 )
 
 if TYPE_CHECKING:
@@ -244,6 +247,24 @@ class TransformersEmbeddingRunner:
 
     def device_bytes(self) -> int | None:
         return None if self._loaded is None else torch_device_bytes(self._loaded.model)
+
+    # --- Parkable -----------------------------------------------------------------------------
+
+    def park(self) -> None:
+        loaded = self._require()
+        park_torch_modules(self.physical_id, loaded.device, loaded.model)
+
+    def unpark(self) -> None:
+        loaded = self._require()
+        unpark_torch_modules(self.physical_id, loaded.device, loaded.model)
+
+    def _require(self) -> _Loaded:
+        if self._loaded is None:
+            raise NotLoaded(self.physical_id)
+        return self._loaded
+
+    def host_bytes(self) -> int:
+        return 0 if self._loaded is None else torch_bytes(self._loaded.model)
 
     def embed(self, inputs: list[str] | list[list[int]]) -> Embeddings:
         loaded = self._loaded

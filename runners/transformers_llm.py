@@ -42,11 +42,14 @@ from runners.base import (
     OutOfDeviceMemory,
     completion_budget,
     free_device_memory,
+    park_torch_modules,
     require_backend,
     require_files,
     require_gguf,
+    torch_bytes,
     torch_device,
     torch_device_bytes,
+    unpark_torch_modules,
 )
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
@@ -215,6 +218,19 @@ class TransformersChatRunner:
 
     def device_bytes(self) -> int | None:
         return None if self._loaded is None else torch_device_bytes(self._loaded.model)
+
+    # --- Parkable -----------------------------------------------------------------------------
+
+    def park(self) -> None:
+        loaded = self._require()
+        park_torch_modules(self.physical_id, loaded.device, loaded.model)
+
+    def unpark(self) -> None:
+        loaded = self._require()
+        unpark_torch_modules(self.physical_id, loaded.device, loaded.model)
+
+    def host_bytes(self) -> int:
+        return 0 if self._loaded is None else torch_bytes(self._loaded.model)
 
     def harmony_encoding(self) -> HarmonyEncoding | None:
         if not self._harmony_built:
