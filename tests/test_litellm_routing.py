@@ -69,7 +69,7 @@ def replica(
         "budget_bytes": int(budget_gb * GB),
         "used_bytes": len(resident) * GB,
         "swaps": [{"model": m, "waiting": n} for m, n in (swaps or {}).items()],
-        "warm_models": [{"physical_id": pid, "type": "llm"} for pid in warm],
+        "warm_models": {pid: {"type": "llm", "footprint_bytes": GB} for pid in warm},
         "closing": closing,
     }
     return ReplicaHealth.from_health(name, body)

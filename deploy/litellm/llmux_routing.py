@@ -74,7 +74,8 @@ class ReplicaHealth:
             budget_bytes=int(body.get("budget_bytes") or 0),
             used_bytes=int(body.get("used_bytes") or 0),
             swaps={str(s["model"]): int(s.get("waiting") or 0) for s in body.get("swaps") or []},
-            warm=frozenset(str(w["physical_id"]) for w in body.get("warm_models") or []),
+            # {physical_id: {...}}, as /health has it (absent where llmux has no warm tier)
+            warm=frozenset(str(physical_id) for physical_id in body.get("warm_models") or {}),
             closing=bool(body.get("closing")),
         )
 
