@@ -30,10 +30,13 @@ from runners.base import (
     ModelLoadError,
     NotLoaded,
     free_device_memory,
+    park_torch_modules,
     require_backend,
     require_files,
+    torch_bytes,
     torch_device,
     torch_device_bytes,
+    unpark_torch_modules,
 )
 
 log = logging.getLogger(__name__)
@@ -138,6 +141,31 @@ class ChatterboxRunner:
     def device_bytes(self) -> int | None:
         model = self._model
         return None if model is None else torch_device_bytes(model.t3, model.s3gen, model.ve)
+
+    # --- Parkable -----------------------------------------------------------------------------
+    # The three networks move; the voice conditionals (built-in and cloned, a few MB) stay where
+    # they are, so a parked model still holds that much device memory.
+
+    def park(self) -> None:
+        with self._lock:
+            model = self._require()
+            device = "cuda" if self._on_cuda else "cpu"
+            park_torch_modules(self.physical_id, device, model.t3, model.s3gen, model.ve)
+
+    def unpark(self) -> None:
+        with self._lock:
+            model = self._require()
+            device = "cuda" if self._on_cuda else "cpu"
+            unpark_torch_modules(self.physical_id, device, model.t3, model.s3gen, model.ve)
+
+    def host_bytes(self) -> int:
+        model = self._model
+        return 0 if model is None else torch_bytes(model.t3, model.s3gen, model.ve)
+
+    def _require(self) -> Any:
+        if self._model is None:
+            raise NotLoaded(self.physical_id)
+        return self._model
 
     def speak(self, text: str, *, voice: Path | None, language: str, speed: float) -> np.ndarray:
         """Synthesize `text`; blocks until this model's earlier requests are done.

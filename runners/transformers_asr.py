@@ -30,10 +30,13 @@ from runners.base import (
     ModelLoadError,
     NotLoaded,
     free_device_memory,
+    park_torch_modules,
     require_backend,
     require_files,
+    torch_bytes,
     torch_device,
     torch_device_bytes,
+    unpark_torch_modules,
 )
 from runners.transcription import (
     SAMPLE_RATE,
@@ -184,6 +187,21 @@ class TransformersAsrRunner:
 
     def device_bytes(self) -> int | None:
         return torch_device_bytes(self._model)
+
+    # --- Parkable -----------------------------------------------------------------------------
+
+    def park(self) -> None:
+        if self._model is None:
+            raise NotLoaded(self.physical_id)
+        park_torch_modules(self.physical_id, self._device, self._model)
+
+    def unpark(self) -> None:
+        if self._model is None:
+            raise NotLoaded(self.physical_id)
+        unpark_torch_modules(self.physical_id, self._device, self._model)
+
+    def host_bytes(self) -> int:
+        return 0 if self._model is None else torch_bytes(self._model)
 
     def transcribe(
         self,

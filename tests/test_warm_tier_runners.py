@@ -152,3 +152,75 @@ def test_without_a_warm_tier_the_same_switch_needs_the_weights(
     with pytest.raises(openai.APIStatusError) as caught:
         answers(client, "tiny-a")
     assert caught.value.code == "model_weights_missing"
+
+
+# --- the other torch runners, on their own (no HTTP) ----------------------------------------------
+
+
+def test_a_transformers_asr_model_parks_and_transcribes_the_same_without_its_weights(
+    tmp_path: Path,
+) -> None:
+    import numpy as np
+
+    from llmux.core.config import PhysicalModel
+    from runners.base import Parkable
+    from runners.transformers_asr import TransformersAsrRunner
+    from tests.audio_fixtures import build_tiny_whisper
+
+    weights = build_tiny_whisper(tmp_path / "tiny-whisper")
+    spec = PhysicalModel(
+        type="asr", backend="transformers", estimated_vram_gb=0.1, default_language="en"
+    )
+    runner = TransformersAsrRunner("tiny-whisper", spec, weights)
+    assert isinstance(runner, Parkable)
+    runner.load()
+    audio = np.random.default_rng(7).uniform(-0.1, 0.1, 16_000).astype(np.float32)
+
+    def transcribe() -> object:
+        return runner.transcribe(audio, language="en", prompt=None, temperature=0.0)
+
+    before = transcribe()
+    assert runner.host_bytes() > 0
+    runner.park()
+    shutil.rmtree(weights)
+    runner.unpark()
+    assert transcribe() == before
+    runner.unload()
+
+
+def test_a_chatterbox_model_counts_its_three_networks_as_host_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from llmux.core.config import PhysicalModel
+    from runners import chatterbox
+    from runners.base import NotLoaded, Parkable
+
+    class Networks:
+        """A Chatterbox class's three torch networks, and nothing else."""
+
+        def __init__(self) -> None:
+            self.conds = None
+            self.t3, self.s3gen, self.ve = (torch.nn.Linear(4, 4) for _ in range(3))
+
+        @classmethod
+        def from_local(cls, folder: Path, device: str) -> Networks:
+            return cls()
+
+    monkeypatch.setitem(chatterbox.CHATTERBOX_CLASSES, "original", lambda: Networks)
+    for name in chatterbox.REQUIRED_FILES["original"]:
+        (tmp_path / name).write_bytes(b"stand-in weights")
+    spec = PhysicalModel(type="tts", backend="chatterbox", variant="original", estimated_vram_gb=2)
+    runner = chatterbox.ChatterboxRunner("cb", spec, tmp_path)
+    assert isinstance(runner, Parkable)
+    with pytest.raises(NotLoaded):
+        runner.park()
+    runner.load()
+    model = runner._model
+    assert runner.host_bytes() == 3 * (4 * 4 + 4) * 4  # three Linear(4, 4) in float32
+    runner.park()
+    runner.unpark()
+    assert runner._model is model, "on the CPU the loaded model itself stays"
+    runner.unload()
+    assert runner.host_bytes() == 0
