@@ -275,6 +275,11 @@ def unpark_torch_modules(physical_id: str, device: Any, *modules: Any) -> None:
                 module.to("cpu")
         free_device_memory(on_cuda=True)
         raise OutOfDeviceMemory(f"{physical_id!r} does not fit in the free GPU memory: {message}")
+    # torch keeps freed pinned blocks cached for reuse; the host copies are gone now, so hand
+    # their memory back to the OS (the warm tier no longer counts it).
+    host_empty_cache = getattr(torch._C, "_host_emptyCache", None)
+    if host_empty_cache is not None:
+        host_empty_cache()
 
 
 def _pin(module: Any) -> None:
