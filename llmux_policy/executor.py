@@ -619,7 +619,12 @@ class Residency:
         if self._host_budget <= 0 or not isinstance(runner, Parkable):
             return False
         physical_id = entry.physical_id
-        host_bytes = await run_to_end(runner.host_bytes, executor=self._swap_thread)
+        try:
+            host_bytes = await run_to_end(runner.host_bytes, executor=self._swap_thread)
+        except Exception:
+            log.exception("%r could not say its host bytes; dropping it", physical_id)
+            self._metrics.parked(physical_id, "error")
+            return False
         warm = [
             Warm(p.physical_id, p.host_bytes, p.last_used, p.unparking) for p in self._warm.values()
         ]
@@ -841,7 +846,8 @@ class Residency:
         through the one-swap-at-a-time lock, as any eviction. New requests for it wait meanwhile
         (writer preference); those in flight get `wait_s` to finish. Returns False when it was
         not resident; raises `ModelBusy` (409) when requests still hold it then (it stays).
-        A resident model is dropped, not parked; a warm one is dropped from host memory."""
+        The operator's unload (`admin`) drops the model, and drops a warm one from host memory;
+        an unload for idleness (`idle`) parks it when it can, as any eviction."""
         async with self._swap_lock:
             entry = self._entries.get(physical_id)
             if entry is None and physical_id in self._warm:

@@ -41,6 +41,8 @@ class ParkingFakeRunner(FakeRunner):
             self.stage.move_device_memory(+self.taken)
 
     def host_bytes(self) -> int:
+        if self.physical_id in self.stage.host_bytes_failures:
+            raise RuntimeError("cannot count")
         return self.stage.host_bytes.get(
             self.physical_id, REGISTRY.physical_models[self.physical_id].footprint_bytes
         )
@@ -51,6 +53,7 @@ class WarmStage(Stage):
         super().__init__()
         self.cannot_park: set[str] = set()
         self.host_bytes: dict[str, int] = {}
+        self.host_bytes_failures: set[str] = set()
         self.park_failures: dict[str, BaseException] = {}
         self.unpark_failures: dict[str, BaseException] = {}
 
@@ -290,3 +293,20 @@ def test_default_host_budget(
     configured_gb: float | None, total: int | None, available: int | None, expected: int
 ) -> None:
     assert default_host_budget_bytes(configured_gb, total, available) == expected
+
+
+async def test_a_runner_that_cannot_count_its_host_bytes_is_dropped(stage: WarmStage) -> None:
+    residency = stage.warm_residency(32 * GIB)
+    stage.host_bytes_failures.add("qwen-4b")
+    await ask(residency, "qwen-4b", "qwen-9b")
+    assert ("unload", "qwen-4b") in stage.calls and ("park", "qwen-4b") not in stage.calls
+    assert residency.snapshot()["warm_models"] == []
+
+
+async def test_an_unload_for_idleness_parks_an_operators_drops(stage: WarmStage) -> None:
+    residency = stage.warm_residency(32 * GIB)
+    await ask(residency, "qwen-4b", "asr")
+    assert await residency.unload("qwen-4b", wait_s=1, reason="idle")
+    assert await residency.unload("asr", wait_s=1)
+    assert stage.calls[-2:] == [("park", "qwen-4b"), ("unload", "asr")]
+    assert set(warm_models(residency.snapshot())) == {"qwen-4b"}
