@@ -83,7 +83,10 @@ def build_state(
         return make_runner(physical_id, registry.physical_models[physical_id], settings.models_dir)
 
     host_budget = default_host_budget_bytes(
-        registry.host_budget_gb, host_total_bytes(), host_available_bytes()
+        registry.host_budget_gb,
+        host_total_bytes(),
+        host_available_bytes(),
+        device_in_host_bytes=budget if probe.total_bytes() is None else 0,
     )
     residency = Residency(
         registry, runner_for, budget, probe=probe, metrics=metrics, host_budget_bytes=host_budget

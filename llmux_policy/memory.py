@@ -44,16 +44,23 @@ HOST_MARGIN_BYTES = 2 * GIB
 
 
 def default_host_budget_bytes(
-    configured_gb: float | None, total_bytes: int | None, available_bytes: int | None
+    configured_gb: float | None,
+    total_bytes: int | None,
+    available_bytes: int | None,
+    *,
+    device_in_host_bytes: int = 0,
 ) -> int:
     """The warm tier's budget: `host_budget_gb` when set (0 turns the tier off); else
     `HOST_SHARE` of the machine's memory, never more than what is available now less
-    `HOST_MARGIN_BYTES`. Without a reading of the host's memory, no warm tier."""
+    `HOST_MARGIN_BYTES` and less `device_in_host_bytes`: without a GPU the resident models live
+    in host memory too, so the (GPU) budget they may fill comes off first. Without a reading of
+    the host's memory, no warm tier."""
     if configured_gb is not None:
         return int(configured_gb * GIB)
     if total_bytes is None or available_bytes is None:
         return 0
-    return max(0, min(int(total_bytes * HOST_SHARE), available_bytes - HOST_MARGIN_BYTES))
+    free = available_bytes - HOST_MARGIN_BYTES - device_in_host_bytes
+    return max(0, min(int(total_bytes * HOST_SHARE), free))
 
 
 class MemoryProbe(Protocol):

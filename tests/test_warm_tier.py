@@ -295,6 +295,14 @@ def test_default_host_budget(
     assert default_host_budget_bytes(configured_gb, total, available) == expected
 
 
+def test_without_a_gpu_the_resident_models_budget_comes_off_the_host_budget_first() -> None:
+    """The resident models of a CPU-only machine live in host memory too: 24 GB available,
+    less the 2 GB margin and a 16 GB (GPU) budget, leaves 6 GB for the warm tier."""
+    budget = default_host_budget_bytes(None, 32 * GIB, 24 * GIB, device_in_host_bytes=16 * GIB)
+    assert budget == 24 * GIB - HOST_MARGIN_BYTES - 16 * GIB
+    assert default_host_budget_bytes(None, 16 * GIB, 12 * GIB, device_in_host_bytes=16 * GIB) == 0
+
+
 async def test_a_runner_that_cannot_count_its_host_bytes_is_dropped(stage: WarmStage) -> None:
     residency = stage.warm_residency(32 * GIB)
     stage.host_bytes_failures.add("qwen-4b")

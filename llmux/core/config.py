@@ -191,7 +191,8 @@ class Registry(StrictModel):
         ge=0,
         description="Host memory the warm tier may fill with models evicted from the GPU, kept "
         "there so that switching back skips the disk; 0 turns the warm tier off. Default: half "
-        "the machine's memory, never more than what is available at start-up less 2 GB.",
+        "the machine's memory, never more than what is available at start-up less 2 GB (and, "
+        "without a GPU, less the GPU budget: the resident models are in host memory too).",
     )
     preload: list[str] = Field(
         default_factory=list,
