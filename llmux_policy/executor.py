@@ -1,7 +1,8 @@
 """The residency executor: carries out the planner's plans and keeps requests' models resident.
 
-`Residency` is the only code that calls `Runner.load` and `Runner.unload` (on a swap thread of
-its own, so that inference filling the default pool never delays a swap). Routes reach a runner with
+`Residency` is the only code that calls `Runner.load` and `Runner.unload`, and `Parkable.park` and
+`unpark` (on a swap thread of its own, so that inference filling the default pool never delays a
+swap). Routes reach a runner with
 
     async with residency.use(physical_id) as runner:
         ...  # the model stays resident until the block ends (a whole stream included)

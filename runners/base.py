@@ -1,7 +1,8 @@
 """What every runner offers, whatever its backend.
 
-Only the residency executor (`llmux_policy.executor`) calls `load` and `unload`; routes reach a
-runner through `Residency.use(...)`, which keeps it resident while they run.
+Only the residency executor (`llmux_policy.executor`) calls `load` and `unload` (and `park` and
+`unpark`, for runners that are `Parkable`); routes reach a runner through `Residency.use(...)`,
+which keeps it resident while they run.
 """
 
 from __future__ import annotations
