@@ -4,6 +4,7 @@ keys, read-only weights, and copies of the registry and download scripts that ma
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,11 @@ REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
 IMAGE_UID = 1034  # the bento image's user, bentoml (BentoML's Dockerfile template)
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+# CI has kubectl (the issue asks for the render in CI): there a missing one fails; elsewhere skip.
+pytestmark = pytest.mark.skipif(
+    shutil.which("kubectl") is None and not os.environ.get("CI"),
+    reason="kubectl not installed (CI fails instead of skipping)",
+)
 
 
 @pytest.fixture(scope="module")
