@@ -14,7 +14,7 @@ Reports requests, 5xx, lost requests (no answer, or a cut stream), p50/p95 per k
 RSS at the start, after warm-up (every kind once, then a tenth of the requests) and at the end
 (those two with every model unloaded through /admin/, so that what happens to be resident does
 not decide them), and the swaps done. Exits non-zero on any 5xx, lost request, broken invariant,
-or RSS that grew after warm-up by more than 20 % + 64 MB; the last line is a one-line summary.
+or RSS that grew after warm-up by more than 5 % + 32 MB; the last line is a one-line summary.
 Traffic goes only to 127.0.0.1, and every loop is bounded in count and time.
 """
 
@@ -260,9 +260,9 @@ def main() -> int:
     parser.add_argument(
         "--rss-slack-mb",
         type=float,
-        default=64,
-        help="RSS growth after warm-up allowed beyond 20 %% (a short run needs more: it sees "
-        "few loads after warm-up, and each can move the figure by tens of MB)",
+        default=32,
+        help="RSS growth after warm-up allowed beyond 5 %% (with glibc's thresholds pinned the "
+        "idle RSS is flat: +12 MB over 130 loads; before, +168 MB over 123)",
     )
     args = parser.parse_args()
     random.seed(args.seed)
@@ -322,7 +322,7 @@ def main() -> int:
         f"worker RSS: start {rss_start / MB:.0f} MB, after warm-up {rss_warm / MB:.0f} MB, "
         f"end {rss_end / MB:.0f} MB"
     )
-    grew = rss_end > rss_warm * 1.2 + args.rss_slack_mb * MB
+    grew = rss_end > rss_warm * 1.05 + args.rss_slack_mb * MB
     for label, items in (
         ("5xx", soak.server_errors),
         ("lost", soak.lost),
