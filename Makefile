@@ -52,7 +52,7 @@ soak: setup
 # Side-by-side figures (docs/benchmarks.md): llmux against the same weights in process, against
 # llama_cpp.server and a bare Starlette app under the same server, interleaved, medians over
 # rounds; a table, PASS/FAIL lines for issue #16's targets, and JSON in $(BENCH_JSON).
-# BENCH_ROUNDS (default 5), BENCH_TOKENS (streamed per answer, 128), BENCH_TOOLS (Open WebUI
+# BENCH_ROUNDS (default 5), BENCH_TOKENS (streamed per answer, 64), BENCH_TOOLS (Open WebUI
 # tools, up to 36), BENCH_ARGS for more (e.g. --only gateway_llamacpp,endpoints).
 BENCH_JSON ?= build/bench.json
 bench: setup-dev

@@ -37,12 +37,14 @@ METRIC_SUM = re.compile(
 class Options:
     quick: bool = False
     rounds: int = 5
-    tokens: int = 128  # streamed per answer in the gateway comparison
+    tokens: int = 64  # streamed per answer in the gateway comparison
     concurrency: tuple[int, ...] = (1, 4, 8)
-    concurrency_tokens: int = 32
+    concurrency_tokens: int = 16
     endpoint_seconds: float = 1.0
     connections: int = 8
-    tools: int = 36  # Open WebUI's built-in tools, about 7k tokens with Qwen's tokenizer
+    # Open WebUI's built-in tools sent with each message: all 36 (about 5.8k tokens for Qwen's
+    # tokenizer) cost two prefills of minutes each on 2 cores, so a default run sends 8.
+    tools: int = 8
     tool_rounds: int = 1
     startup_rounds: int = 3
 

@@ -33,6 +33,7 @@ from bench.servers import KEY
 from bench.stats import Section, difference, median, ratio
 
 MB = 1024 * 1024
+NOT_COLD = 0.1  # above this share of the file still cached, a load is not called cold
 LOAD = "llmux_model_load_seconds"
 SWAP = "llmux_swap_seconds"
 
@@ -228,6 +229,14 @@ def cold_load(bench: Bench) -> Section:
             )
         read_s = median(r["read"] for r in runs)
         cold = median(r["cold"] for r in runs)
+        cached = median(r["cached"] for r in runs)
+        if cached is not None and cached > NOT_COLD:
+            # Another process maps the file: its pages could not be dropped, the load was warm.
+            section.notes.append(
+                f"{physical}: {cached:.0%} of the file stayed in the page cache (another "
+                "process maps it), so its load was not cold and is not compared with the read"
+            )
+            cold = None
 
         def percent(key: str, runs: list[dict[str, float | None]] = runs) -> float | None:
             share = median(r[key] for r in runs)

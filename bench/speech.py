@@ -79,7 +79,7 @@ def speech(bench: Bench) -> Section:
     try:
         for name in names:  # warm-up (and llmux's loads)
             contenders[name]()
-        for index in range(bench.options.rounds):
+        for index in range(max(1, min(bench.options.rounds, 3))):
             for name in interleave(names, index):
                 runs[name].append(contenders[name]())
     finally:
