@@ -23,26 +23,34 @@ UVICORN = "bare Starlette, plain uvicorn"
 def start_both(work: Path, config: Path, rounds: int) -> tuple[Section, Served, Served]:
     """Start llmux and the bare app `rounds` times each, in turn; time each start from the spawn
     to /health's first 200, and read each one's memory with nothing loaded. The last two stay
-    up for the rest of the run."""
+    up for the rest of the run (stopped here only if something fails)."""
     starts: dict[str, list[float]] = {"llmux": [], BARE: []}
     rss: dict[str, list[tuple[int, int]]] = {"llmux": [], BARE: []}
     kept: dict[str, Served] = {}
-    bodies = work / "bare-bodies.json"
-    for index in range(rounds):
-        for name in interleave(list(starts), index):
-            served = (
-                start_llmux(work, config, run=index)
-                if name == "llmux"
-                else start_bare(work, bodies, run=index)
-            )
-            starts[name].append(served.startup_s)
-            time.sleep(SETTLE_S)
-            httpx.get(served.base + "/health", timeout=30)
-            rss[name].append(served.rss())
-            if index == rounds - 1:
-                kept[name] = served
-            else:
-                served.stop()
+    running: list[Served] = []
+    try:
+        for index in range(rounds):
+            for name in interleave(list(starts), index):
+                served = (
+                    start_llmux(work, config, run=index)
+                    if name == "llmux"
+                    else start_bare(work, work / "bare-bodies.json", run=index)
+                )
+                running.append(served)
+                starts[name].append(served.startup_s)
+                time.sleep(SETTLE_S)
+                httpx.get(served.base + "/health", timeout=30)
+                rss[name].append(served.rss())
+                if index < rounds - 1:
+                    served.stop()
+                    running.remove(served)
+                else:
+                    kept[name] = served
+        write_bare_bodies(work / "bare-bodies.json", kept["llmux"])
+    except BaseException:
+        for served in running:
+            served.stop()
+        raise
     section = Section(
         "startup",
         f"start-up to /health 200 and idle memory ({rounds} start(s) each)",
@@ -72,18 +80,16 @@ def start_both(work: Path, config: Path, rounds: int) -> tuple[Section, Served, 
         f"all of the server's processes, {SETTLE_S:.0f} s after /health first answered, no "
         "model loaded"
     )
-    llmux = kept["llmux"]
-    bodies.write_text(
-        json.dumps(
-            {
-                "/health": httpx.get(llmux.base + "/health", timeout=30).json(),
-                "/v1/models": httpx.get(
-                    llmux.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}
-                ).json(),
-            }
-        )
+    return section, kept["llmux"], kept[BARE]
+
+
+def write_bare_bodies(path: Path, llmux: Served) -> None:
+    """What llmux answers on the cheap endpoints, for the bare app to answer alike."""
+    models = httpx.get(
+        llmux.base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
     )
-    return section, llmux, kept[BARE]
+    bodies = {"/health": httpx.get(llmux.base + "/health", timeout=30).json()}
+    path.write_text(json.dumps({**bodies, "/v1/models": models.json()}))
 
 
 def cheap_endpoints(bench: Bench) -> Section:
