@@ -27,7 +27,8 @@ ASR = "whisper-base"
 TTS = "piper-joe"
 TTS_FILE = "piper-joe/en_US-joe-medium.onnx"
 METRIC_SUM = re.compile(
-    r'^(?P<series>llmux_model_load_seconds|llmux_swap_seconds)_sum\{[^}]*model="(?P<model>[^"]*)"'
+    r"^(?P<series>llmux_model_load_seconds|llmux_swap_seconds|llmux_model_unpark_seconds)_sum"
+    r'\{[^}]*model="(?P<model>[^"]*)"'
     r"[^}]*\} (?P<value>\S+)$",
     re.MULTILINE,
 )

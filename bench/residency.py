@@ -27,6 +27,8 @@ from bench.context import (
     SECOND_GGUF,
     SECOND_LLM,
     SECOND_PHYSICAL,
+    TINY_LLM,
+    TINY_PHYSICAL,
     Bench,
 )
 from bench.servers import KEY
@@ -36,6 +38,7 @@ MB = 1024 * 1024
 NOT_COLD = 0.1  # above this share of the file still cached, a load is not called cold
 LOAD = "llmux_model_load_seconds"
 SWAP = "llmux_swap_seconds"
+UNPARK = "llmux_model_unpark_seconds"
 
 
 def drop_from_page_cache(path: Path) -> None:
@@ -262,4 +265,61 @@ def cold_load(bench: Bench) -> Section:
         "the load was not fully cold); a load far below the read time with little cached after "
         "it means the weights are mapped lazily and read at the first tokens instead"
     )
+    return section
+
+
+def warm_tier(bench: Bench) -> Section:
+    """A parkable model back from the warm tier against a cold load of it: the tiny transformers
+    model, evicted by the GGUF LLM (one LLM at a time) and so parked in host RAM, then asked for
+    again. Cold: dropped first by the operator's unload, which sends it to disk. llama.cpp
+    cannot park (its weights are not torch tensors); its reload with the GGUF in the page cache
+    is the cold-load section's "warm load"."""
+    rows: dict[str, list[dict[str, float | None]]] = {"cold load": [], "unpark": []}
+    errors: list[str] = []
+
+    def timed(client: httpx.Client, series: str) -> dict[str, float | None]:
+        before = bench.metric_sums()
+        result = stream_chat(client, bench.llmux.base, KEY, _short(TINY_LLM))
+        after = bench.metric_sums()
+        if result.error:
+            errors.append(result.error)
+        return {"ttft": result.ttft_s, "seconds": _delta(before, after, (series, TINY_PHYSICAL))}
+
+    with httpx.Client() as client:
+        stream_chat(client, bench.llmux.base, KEY, _short(TINY_LLM))  # first load: warm-up
+        for _ in range(max(1, bench.options.rounds)):
+            bench.admin("POST", f"/models/{TINY_LLM}/unload")  # to disk, not to the warm tier
+            rows["cold load"].append(timed(client, LOAD))
+            stream_chat(client, bench.llmux.base, KEY, _short(MAIN_LLM))  # evicts it: parked
+            parked = TINY_PHYSICAL in (bench.health().get("warm_models") or {})
+            if not parked:
+                errors.append(f"{TINY_PHYSICAL} was not parked warm when {MAIN_LLM} evicted it")
+            rows["unpark"].append(timed(client, UNPARK))
+    section = Section(
+        "warm_tier",
+        f"warm tier: {TINY_LLM} back from host RAM against a cold load (tiny random model)",
+        ["path", "seconds", "TTFT ms", "x cold"],
+    )
+    cold = median(r["seconds"] for r in rows["cold load"])
+    for name, runs in rows.items():
+        seconds = median(r["seconds"] for r in runs)
+        ttft = median(r["ttft"] for r in runs)
+        section.rows.append(
+            {
+                "path": name,
+                "seconds": seconds,
+                "TTFT ms": None if ttft is None else ttft * 1000,
+                "x cold": ratio(seconds, cold),
+            }
+        )
+    section.figures["cold_load_s"] = cold
+    section.figures["unpark_s"] = median(r["seconds"] for r in rows["unpark"])
+    section.figures["unpark_over_cold"] = ratio(section.figures["unpark_s"], cold)
+    section.notes.append(
+        "seconds: llmux_model_load_seconds against llmux_model_unpark_seconds from /metrics; on "
+        "this CPU-only machine an unpark keeps the loaded model, so it costs next to nothing; on "
+        "a GPU it is a host-to-device copy (bench it there against bytes / PCIe bandwidth)"
+    )
+    if errors:
+        section.notes.append(f"{len(errors)} problem(s): {errors[0]}")
     return section

@@ -158,6 +158,9 @@ def write_llmux_config(work: Path, tiny_transformers: Path | None) -> Path:
             "physical": "tiny-transformers",
             "params": {"enable_thinking": False},
         }
+        # A warm tier of its own size: the embedded default's 16 GB GPU budget, taken off the
+        # host's RAM on a machine without a GPU, leaves none by default on a small laptop.
+        registry["host_budget_gb"] = 1
     (config / "models.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
     (config / "api_keys.yaml").write_text(
         yaml.safe_dump({"api_keys": [{"key": KEY, "name": "bench", "role": "admin"}]})

@@ -202,6 +202,7 @@ def test_metric_sums_are_read_from_bentoml_multiprocess_output() -> None:
     text = (
         'llmux_model_load_seconds_sum{model="gemma3-270m"} 1.04\n'
         'llmux_swap_seconds_sum{model="gemma3-270m"} 1.05\n'
+        'llmux_model_unpark_seconds_sum{model="tiny-transformers"} 0.01\n'
         "llmux_swap_wait_seconds_sum 1.05\n"
         'llmux_model_load_seconds_count{model="gemma3-270m"} 1.0\n'
     )
@@ -209,6 +210,7 @@ def test_metric_sums_are_read_from_bentoml_multiprocess_output() -> None:
     assert found == {
         ("llmux_model_load_seconds", "gemma3-270m"): 1.04,
         ("llmux_swap_seconds", "gemma3-270m"): 1.05,
+        ("llmux_model_unpark_seconds", "tiny-transformers"): 0.01,
     }
 
 
