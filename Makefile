@@ -21,7 +21,7 @@ serve: setup
 test: setup-dev lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# Everything but the modules marked slow (real models, live servers, image builds): under a minute.
+# Everything but the modules marked slow (real models, live servers, image builds): about two minutes on 2 cores.
 test-fast: setup-dev lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
