@@ -15,7 +15,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import MODELS_DIR, REPO
-from tests.test_serve import free_port, start_server, stop_server
+from tests.test_serve import free_port, start_server, stop_server, wait_until_ready
 
 sys.path.insert(0, str(REPO / "deploy" / "litellm"))
 from llmux_routing import (
@@ -375,20 +374,12 @@ def start_litellm(
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            log.close()
-            raise AssertionError((folder / "litellm.log").read_text())
-        try:
-            if httpx.get(f"{base}/health/liveliness", timeout=1).status_code == 200:
-                return proc, base, log
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    log.close()
-    raise AssertionError("LiteLLM did not start in 120 s:\n" + (folder / "litellm.log").read_text())
+    try:
+        wait_until_ready(proc, f"{base}/health/liveliness", folder / "litellm.log", 120, "LiteLLM")
+    except AssertionError:
+        log.close()
+        raise
+    return proc, base, log
 
 
 def drive_litellm(replicas: list[tuple[str, str]], proxy: str, rounds: int) -> list[int]:

@@ -59,19 +59,31 @@ def start_server(
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    wait_until_ready(proc, f"{base}/health", tmp_path / "serve.log", 90, "bentoml serve")
+    return proc, base, log
+
+
+def wait_until_ready(
+    proc: subprocess.Popen,  # type: ignore[type-arg]
+    url: str,
+    log_path: Path,
+    timeout_s: float,
+    what: str,
+) -> None:
+    """Wait for GET `url` to answer 200; fail with the server's log if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError((tmp_path / "serve.log").read_text())
+            raise AssertionError(log_path.read_text())
         try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base, log
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.3)
     proc.kill()
     raise AssertionError(
-        "bentoml serve did not answer /health in 90 s:\n" + (tmp_path / "serve.log").read_text()
+        f"{what} did not answer {url} in {timeout_s:.0f} s:\n" + log_path.read_text()
     )
 
 
