@@ -105,6 +105,35 @@ class PhysicalModel(StrictModel):
         description="llm: a Jinja chat template file (relative to the config dir, or absolute), "
         "for weights that carry none.",
     )
+    n_threads: int | None = Field(
+        None,
+        gt=0,
+        description="llamacpp: CPU threads for prompt and generation. Default: the machine's "
+        "physical cores (those this process may run on).",
+    )
+    n_batch: int | None = Field(
+        None,
+        gt=0,
+        description="llamacpp: prompt tokens evaluated per batch (llama.cpp's default 512); "
+        "larger prefills long prompts faster on a GPU.",
+    )
+    flash_attn: bool | None = Field(
+        None,
+        description="llamacpp: flash attention (faster, smaller KV on a GPU). Default: off, "
+        "llama-cpp-python's default.",
+    )
+    prefix_cache_mb: float | None = Field(
+        None,
+        ge=0,
+        description="llm: host memory (MB) kept for the model states of recent long prompts, so "
+        "that the next message of a chat does not prefill its tools again; 0 turns it off.",
+    )
+    max_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="transformers llm: concurrent requests generated together in one batch "
+        "(continuous batching); 1 generates one request at a time.",
+    )
 
     @property
     def footprint_bytes(self) -> int:
