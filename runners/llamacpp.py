@@ -7,8 +7,19 @@ token ids for the harmony parser, and a cancel check between tokens. Requests wi
 through `MTMDChatHandler` (the mmproj file), called directly so that the kwargs still reach the
 template.
 
+Prompt reuse: a `Llama` holds one sequence. Each text generation starts from the longest usable
+prefix of its prompt, in the live context or in a state saved after an earlier long prompt
+(`runners.prompt_states`), so a chat's next message does not prefill its tools again after an
+unrelated request (Open WebUI's title) took the context in between. Only the new tokens are
+evaluated; the answer is the same as from a cold context.
+
+One sequence also means no parallel requests: llama-cpp-python's `Llama` decodes a single
+sequence (its batch helpers exist only for embeddings), so requests to one llama.cpp model run one
+after another (docs/residency.md says what to do about a short request behind a long one).
+
 Threading: `generate` runs on the caller's worker thread; calls must not overlap (the chat
-session serialises them per model). llama.cpp's own threads do the arithmetic.
+session serialises them per model). `check` may run on another thread meanwhile. llama.cpp's own
+threads do the arithmetic: by default one per physical core (`runners.cpus`).
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ import json
 import logging
 import random
 import threading
+import weakref
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +46,8 @@ from runners.base import (
     require_gguf,
 )
 from runners.chat import GenerationChunk, GenerationRequest
+from runners.cpus import physical_cores
+from runners.prompt_states import DEFAULT_BUDGET_MB, LlamaContext, PromptStates, common_prefix
 from runners.templates import compile_template, read_template, render
 
 if TYPE_CHECKING:
@@ -45,6 +60,9 @@ DEFAULT_CONTEXT = 8192
 # OpenAI's defaults where the request leaves them out.
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
+# Prompts tokenized by `check`, kept for the `generate` of the same request (a tool-heavy prompt
+# takes tens of ms to render and tokenize); bounded, for requests checked and never generated.
+CHECKED_KEPT = 16
 
 
 class LlamaCppChatRunner:
@@ -59,6 +77,9 @@ class LlamaCppChatRunner:
         self._llm: Llama | None = None
         self._template: jinja2.Template | None = None
         self._vision: Any = None
+        self._prompts: PromptStates | None = None
+        self._checked: dict[int, tuple[weakref.ref[GenerationRequest], list[int]]] = {}
+        self._checked_lock = threading.Lock()
 
     # --- Runner -------------------------------------------------------------------------------
 
@@ -97,6 +118,7 @@ class LlamaCppChatRunner:
                 chat_handler=vision,
                 verbose=False,
                 **placement,
+                **self._compute_options(),
             )
         except (ValueError, RuntimeError) as exc:
             size_gb = model_file.stat().st_size / 1024**3
@@ -117,12 +139,25 @@ class LlamaCppChatRunner:
                 f"{model_file} carries no chat template; name a Jinja file with `chat_template` "
                 f"for {self.physical_id!r} in models.yaml."
             )
+        budget_mb = (
+            DEFAULT_BUDGET_MB if self.spec.prefix_cache_mb is None else self.spec.prefix_cache_mb
+        )
+        self._prompts = PromptStates(LlamaContext(llm), int(budget_mb * 1024**2))
         self._llm, self._template, self._vision = llm, compile_template(source), vision
 
     def unload(self) -> None:
         llm, self._llm, self._template, self._vision = self._llm, None, None, None
+        prompts, self._prompts = self._prompts, None
+        if prompts is not None:
+            prompts.clear()
+        with self._checked_lock:
+            self._checked.clear()
         if llm is not None:
             llm.close()
+
+    def prompt_cache_bytes(self) -> int:
+        """Host memory the saved prompt states hold now (0 when unloaded)."""
+        return 0 if self._prompts is None else self._prompts.nbytes
 
     def device_bytes(self) -> int | None:
         return None  # not torch: the executor reads the device around the load
@@ -151,7 +186,7 @@ class LlamaCppChatRunner:
             ) from exc
 
     def check(self, request: GenerationRequest) -> None:
-        llm, _ = self._require()
+        self._require()
         if request.images:
             if self._vision is None:
                 raise BadRequest(
@@ -159,12 +194,14 @@ class LlamaCppChatRunner:
                     param="messages",
                 )
         else:
-            prompt = llm.tokenize(
-                self.render_prompt(request).encode("utf-8"), add_bos=False, special=True
-            )
+            prompt = self._tokenize(request)
             completion_budget(
                 self.physical_id, self.context_length, len(prompt), request.max_tokens
             )
+            with self._checked_lock:
+                self._checked[id(request)] = (weakref.ref(request), prompt)
+                while len(self._checked) > CHECKED_KEPT:
+                    del self._checked[next(iter(self._checked))]
         self._grammar(request.json_schema)
 
     def generate(
@@ -174,9 +211,11 @@ class LlamaCppChatRunner:
             yield from self._generate_with_images(request, cancel)
             return
         llm, _ = self._require()
-        prompt = llm.tokenize(
-            self.render_prompt(request).encode("utf-8"), add_bos=False, special=True
-        )
+        prompts = self._prompts
+        assert prompts is not None  # set with _llm
+        with self._checked_lock:
+            checked = self._checked.pop(id(request), None)
+        prompt = checked[1] if checked and checked[0]() is request else self._tokenize(request)
         budget = completion_budget(
             self.physical_id, self.context_length, len(prompt), request.max_tokens
         )
@@ -186,8 +225,17 @@ class LlamaCppChatRunner:
         )
         import llama_cpp
 
+        start = prompts.start(prompt)
+        boundary = self._message_boundary(request, prompt, start)
+        if boundary is not None:
+            # A recurrent state cannot be cut back later: keep one at the start of the last
+            # message, which the chat's next prompt shares, before evaluating past it.
+            llm.eval(prompt[start:boundary])
+            prompts.checkpoint()
+            start = boundary
         tokens = llm.generate(
-            prompt,
+            prompt[start:],
+            reset=False,  # the context holds prompt[:start]; prompts.start put it there
             temp=_or(request.temperature, DEFAULT_TEMPERATURE),
             top_p=_or(request.top_p, DEFAULT_TOP_P),
             top_k=0,
@@ -214,6 +262,8 @@ class LlamaCppChatRunner:
             prompt_tokens=len(prompt),
             completion_tokens=produced,
         )
+        # After the last chunk: the answer is complete when the state is copied.
+        prompts.save(len(prompt))
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -221,6 +271,10 @@ class LlamaCppChatRunner:
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:
         llm, _ = self._require()
+        if self._prompts is not None:
+            # The handler evaluates image embeddings at positions whose token record it leaves
+            # as it was: the next text prompt must not take them for its own tokens.
+            self._prompts.forget_live()
         if self._vision is None:
             raise BadRequest(
                 f"{self.physical_id!r} has no mmproj_file, so it cannot see images.",
@@ -265,6 +319,52 @@ class LlamaCppChatRunner:
         yield GenerationChunk(
             finish_reason=finish, prompt_tokens=llm.n_tokens - produced, completion_tokens=produced
         )
+
+    def _tokenize(self, request: GenerationRequest) -> list[int]:
+        llm, _ = self._require()
+        prompt: list[int] = llm.tokenize(
+            self.render_prompt(request).encode("utf-8"), add_bos=False, special=True
+        )
+        return prompt
+
+    def _compute_options(self) -> dict[str, Any]:
+        """Threads (default: the physical cores this process may use, for prompts as for
+        generation) and the batch and attention options models.yaml sets."""
+        threads = self.spec.n_threads or physical_cores()
+        options: dict[str, Any] = {"n_threads": threads, "n_threads_batch": threads}
+        if self.spec.n_batch is not None:
+            options["n_batch"] = self.spec.n_batch
+        if self.spec.flash_attn is not None:
+            options["flash_attn"] = self.spec.flash_attn
+        return options
+
+    def _message_boundary(
+        self, request: GenerationRequest, prompt: list[int], start: int
+    ) -> int | None:
+        """Where the last message's content starts in `prompt`, if a state should be kept there:
+        only for a model whose state cannot be cut (recurrent), when the prompt is long, and past
+        what the context already holds. Found by rendering the request once more with that content
+        changed: the tokens the two prompts share come before it."""
+        prompts = self._prompts
+        if (
+            prompts is None
+            or prompts.context.truncatable
+            or prompts.budget_bytes <= 0
+            or len(prompt) < prompts.min_tokens
+            or not request.messages
+            or not isinstance(request.messages[-1].get("content"), str)
+        ):
+            return None
+        last = request.messages[-1]
+        other = "." if last["content"] != "." else ","
+        variant = replace(request, messages=[*request.messages[:-1], {**last, "content": other}])
+        try:
+            shared = common_prefix(prompt, self._tokenize(variant))
+        except BadRequest:
+            return None
+        if shared - start < prompts.min_tokens or shared >= len(prompt):
+            return None
+        return shared
 
     def _grammar(self, schema: dict[str, Any] | None) -> Any:
         if schema is None:

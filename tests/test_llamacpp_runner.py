@@ -1,0 +1,256 @@
+"""The llama.cpp runner's compute options and prompt reuse (issue #16).
+
+The reuse tests run the real Qwen2.5-Coder 0.5B GGUF of the embedded default: a chat's long
+prompt, an unrelated short one (Open WebUI's title request), then the chat's next message, which
+must evaluate only its new tokens and answer exactly as a cold runner does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from llmux.core.config import PhysicalModel
+from runners.chat import GenerationRequest
+from runners.cpus import physical_cores
+from runners.llamacpp import LlamaCppChatRunner
+from runners.prompt_states import MIN_SAVED_TOKENS, common_prefix
+from tests.conftest import MODELS_DIR, real_models
+
+QWEN = MODELS_DIR / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+slow, needs_qwen = real_models(QWEN)
+
+
+def spec(**fields: Any) -> PhysicalModel:
+    return PhysicalModel(
+        type="llm",
+        backend="llamacpp",
+        model_file=QWEN.name,
+        estimated_vram_gb=0.6,
+        context_length=2048,
+        **fields,
+    )
+
+
+# --- threads, batch, flash attention ---------------------------------------------------------
+
+
+class RecordingLlama:
+    """Stands in for llama_cpp.Llama at load: keeps the keyword arguments it was built with."""
+
+    built: ClassVar[list[dict[str, Any]]] = []
+
+    def __init__(self, **kwargs: Any) -> None:
+        RecordingLlama.built.append(kwargs)
+        self.metadata = {"tokenizer.chat_template": "{{ messages }}"}
+
+    def close(self) -> None:
+        pass
+
+
+class NoContext:
+    def __init__(self, llm: Any) -> None:
+        self.truncatable = True
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    import llama_cpp
+
+    monkeypatch.setattr(llama_cpp, "Llama", RecordingLlama)
+    monkeypatch.setattr("runners.llamacpp.LlamaContext", NoContext)
+    (tmp_path / QWEN.name).write_bytes(b"GGUF" + bytes(60))
+    RecordingLlama.built.clear()
+    yield tmp_path
+
+
+def test_threads_default_to_the_physical_cores_for_prompts_and_generation(recorded: Path) -> None:
+    LlamaCppChatRunner("m", spec(), recorded).load()
+    built = RecordingLlama.built[-1]
+    assert built["n_threads"] == built["n_threads_batch"] == physical_cores()
+    assert "n_batch" not in built and "flash_attn" not in built  # llama-cpp-python's defaults
+
+
+def test_models_yaml_sets_threads_batch_and_flash_attention(recorded: Path) -> None:
+    LlamaCppChatRunner("m", spec(n_threads=3, n_batch=2048, flash_attn=True), recorded).load()
+    built = RecordingLlama.built[-1]
+    assert (built["n_threads"], built["n_threads_batch"]) == (3, 3)
+    assert (built["n_batch"], built["flash_attn"]) == (2048, True)
+
+
+def cpu_tree(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
+    """A sysfs cpu directory: logical CPU -> (package, core id)."""
+    for cpu, (package, core) in cores.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "physical_package_id").write_text(f"{package}\n")
+        (topology / "core_id").write_text(f"{core}\n")
+    return root
+
+
+# Two packages of two cores with two SMT threads each: CPUs n and n+4 are siblings.
+SMT = {cpu: (cpu // 2 % 2, cpu % 2) for cpu in range(8)}
+
+
+@pytest.mark.parametrize(
+    ("affinity", "cores"),
+    [
+        (set(range(8)), 4),  # siblings count once
+        ({0, 4}, 1),  # one core's two threads
+        ({0, 1}, 2),
+        ({0, 2}, 2),  # core 0 of each package
+    ],
+)
+def test_physical_cores_counts_cores_within_the_affinity(
+    tmp_path: Path, affinity: set[int], cores: int
+) -> None:
+    sysfs = cpu_tree(tmp_path / "cpu", SMT)
+    assert physical_cores(affinity, sysfs=sysfs, cgroup=tmp_path / "no-cgroup") == cores
+
+
+@pytest.mark.parametrize(
+    ("files", "cores"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # a 1.5-CPU limit: two threads, not four
+        ({"cpu.max": "max 100000\n"}, 4),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_threads(
+    tmp_path: Path, files: dict[str, str], cores: int
+) -> None:
+    cgroup = tmp_path / "cgroup"
+    for name, text in files.items():
+        (cgroup / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroup / name).write_text(text)
+    sysfs = cpu_tree(tmp_path / "cpu", SMT)
+    assert physical_cores(set(range(8)), sysfs=sysfs, cgroup=cgroup) == cores
+
+
+def test_without_sysfs_every_usable_cpu_counts(tmp_path: Path) -> None:
+    assert physical_cores({0, 1, 2}, sysfs=tmp_path / "none", cgroup=tmp_path / "none") == 3
+
+
+# --- prompt reuse on the real model ----------------------------------------------------------
+
+TOOLS_TEXT = " ".join(
+    f"Tool {n}: fetch_{n}(url: string) returns the page at url as markdown, step {n}."
+    for n in range(14)
+)
+FIRST = [
+    {"role": "system", "content": "You are a helpful assistant. Tools:\n" + TOOLS_TEXT},
+    {"role": "user", "content": "Write a haiku about autumn."},
+]
+TITLE = [{"role": "user", "content": "Give a three-word title for: autumn haiku."}]
+
+
+def greedy(messages: list[dict[str, Any]], max_tokens: int = 8) -> GenerationRequest:
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, temperature=0)
+
+
+def answer(runner: LlamaCppChatRunner, request: GenerationRequest) -> tuple[str, list[int]]:
+    runner.check(request)
+    text, ids = "", []
+    for chunk in runner.generate(request, threading.Event()):
+        text += chunk.text
+        ids.extend(chunk.token_ids)
+    return text, ids
+
+
+class CountingEval:
+    """Wraps a Llama's eval: how many tokens each call evaluated."""
+
+    def __init__(self, runner: LlamaCppChatRunner) -> None:
+        llm = runner._llm
+        assert llm is not None
+        self.calls: list[int] = []
+        original = llm.eval
+
+        def counting(tokens: Any) -> None:
+            self.calls.append(len(tokens))
+            original(tokens)
+
+        llm.eval = counting  # type: ignore[method-assign]
+
+
+def second_message(first_answer: str) -> list[dict[str, Any]]:
+    return [
+        *FIRST,
+        {"role": "assistant", "content": first_answer},
+        {"role": "user", "content": "Now one about winter."},
+    ]
+
+
+def cold_answer(request: GenerationRequest) -> list[int]:
+    cold = LlamaCppChatRunner("cold", spec(prefix_cache_mb=0), QWEN.parent, device="cpu")
+    cold.load()
+    try:
+        return answer(cold, request)[1]
+    finally:
+        cold.unload()
+
+
+@pytest.mark.parametrize("truncatable", [True, False], ids=["attention", "recurrent-rule"])
+@slow
+@needs_qwen
+def test_after_an_unrelated_request_the_chat_s_next_message_evaluates_only_its_new_tokens(
+    truncatable: bool,
+) -> None:
+    """`recurrent-rule` runs the real context under the rule for recurrent and hybrid models
+    (a state is used only whole). The history shows the first answer otherwise than it was
+    generated (as Qwen3.5's template drops its thinking), so the state at the end of that answer
+    is of no use there: the one kept where the first prompt's last message began serves."""
+    runner = LlamaCppChatRunner("qwen", spec(), QWEN.parent, device="cpu")
+    runner.load()
+    try:
+        assert runner._prompts is not None
+        runner._prompts.context.truncatable = truncatable
+        first_prompt = runner._tokenize(greedy(FIRST))
+        assert len(first_prompt) >= MIN_SAVED_TOKENS
+        _, first_ids = answer(runner, greedy(FIRST))
+        answer(runner, greedy(TITLE))
+        second = greedy(second_message("(an answer shown otherwise)"))
+        second_prompt = runner._tokenize(second)
+        evals = CountingEval(runner)
+        _, ids = answer(runner, second)
+        prefill = len(second_prompt) - evals.calls[0]  # the tokens not evaluated again
+        shared = common_prefix(first_prompt, second_prompt)
+        if truncatable:  # everything the two prompts share
+            assert shared <= prefill <= common_prefix(first_prompt + first_ids, second_prompt)
+        else:  # up to where the first prompt's last message began
+            variant = greedy([FIRST[0], {"role": "user", "content": "."}])
+            assert prefill == common_prefix(first_prompt, runner._tokenize(variant))
+        assert prefill >= shared - 16
+        assert ids == cold_answer(second)
+    finally:
+        runner.unload()
+
+
+@slow
+@needs_qwen
+def test_unload_frees_the_saved_states_and_check_tokenizes_for_generate() -> None:
+    runner = LlamaCppChatRunner("qwen", spec(), QWEN.parent, device="cpu")
+    runner.load()
+    llm = runner._llm
+    assert llm is not None
+    tokenized: list[int] = []
+    original = llm.tokenize
+
+    def counting(text: bytes, *args: Any, **kwargs: Any) -> list[int]:
+        tokenized.append(len(text))
+        return original(text, *args, **kwargs)
+
+    llm.tokenize = counting  # type: ignore[method-assign]
+    request = greedy(FIRST, max_tokens=2)
+    runner.check(request)
+    prompt_tokenized = len(tokenized)
+    list(runner.generate(request, threading.Event()))
+    assert len(tokenized) == prompt_tokenized  # the prompt is not tokenized again
+    assert runner.prompt_cache_bytes() > 0
+    runner.unload()
+    assert runner.prompt_cache_bytes() == 0 and runner._prompts is None
