@@ -1,9 +1,9 @@
 """A bare Starlette app under the same server as llmux: the floor the cheap endpoints compare to.
 
 `bentoml serve bench.bare_service:Bare` with llmux's own service settings (one worker, access
-log off), answering GET /health and GET /v1/models with the bodies llmux gave the bench (the
-JSON file named by BENCH_BARE_BODIES), serialised per request as llmux does, and no middleware,
-no key check, no routing beyond the two paths.
+log off, no URL traced), answering GET /health and GET /v1/models with the bodies llmux gave the
+bench (the JSON file named by BENCH_BARE_BODIES), serialised per request, and no middleware, no
+key check, no routing beyond the two paths.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ app = Starlette(routes=[Route("/health", health), Route("/v1/models", models)])
     traffic={"timeout": 900},
     http={"host": "127.0.0.1", "port": 8082},
     logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": [".*"]},
 )
 class Bare:
     """All work happens in the mounted app."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ from llmux.keys import KeyRing, create_keys_hint
 from llmux.middleware import (
     ApiKeyMiddleware,
     BodyLimitMiddleware,
+    CheapRoutes,
     RequestContextMiddleware,
     error_response,
 )
@@ -149,6 +151,9 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
         redoc_url=None,
         openapi_url="/openapi.json",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks: BentoML installs a tracer provider, so FastAPI would
+        # ask on every request whether to trace it; llmux exports no traces.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.llmux = state
     _install_error_handlers(app)
@@ -163,6 +168,13 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
 
     # Added innermost first: CORS answers preflights before auth; the request id wraps everything.
     open_paths = speech.DISCOVERY_PATHS if settings.open_audio_discovery else frozenset()
+    app.add_middleware(
+        CheapRoutes,
+        routes={
+            "/health": lambda: _json(health.health_body(state)),
+            "/v1/models": lambda: state.model_list_json,
+        },
+    )
     app.add_middleware(ApiKeyMiddleware, keys=state.keys, open_paths=open_paths)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(
@@ -174,6 +186,11 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def _json(content: object) -> bytes:
+    """What Starlette's JSONResponse would send for `content`."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

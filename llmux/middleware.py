@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -198,3 +199,25 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 def client_name(scope_state: dict[str, Any]) -> str:
     return str(scope_state.get("client_name", "-"))
+
+
+class CheapRoutes:
+    """Answers the endpoints that clients and health checks poll (GET /health, GET /v1/models)
+    without FastAPI's routing and dependency solving, which cost more than the answers: `routes`
+    maps a path to a function of the connection's app state returning the JSON body's bytes.
+    It sits inside the key check, so these paths are guarded exactly as through the router, and
+    the FastAPI routes of the same paths stay for the schema (and for other methods)."""
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Callable[[], bytes]]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if answer is None or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        body = answer()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
@@ -29,6 +30,17 @@ class AppState:
     voices: Voices = field(default_factory=Voices.builtin)
     started_at: int = field(default_factory=lambda: int(time.time()))
     bench: Benchmark = field(default_factory=lambda: _benchmark())
+
+    @cached_property
+    def model_list_json(self) -> bytes:
+        """GET /v1/models's body, rendered once: the registry does not change while serving."""
+        from llmux.wire.models import ModelList, model_card
+
+        cards = [
+            model_card(self.registry, name, self.started_at)
+            for name in self.registry.virtual_models
+        ]
+        return ModelList(data=cards).model_dump_json().encode()
 
     @staticmethod
     def of(connection: HTTPConnection) -> AppState:

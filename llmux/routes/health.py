@@ -13,7 +13,10 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    state = AppState.of(request)
+    return health_body(AppState.of(request))
+
+
+def health_body(state: AppState) -> dict[str, Any]:
     snapshot = state.residency.snapshot()
     loaded = {model.pop("physical_id"): model for model in snapshot.pop("models")}  # type: ignore[misc]
     warm = {model.pop("physical_id"): model for model in snapshot.pop("warm_models")}  # type: ignore[misc]

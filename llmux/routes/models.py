@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.responses import Response
 
 from llmux.core.errors import ModelNotFound
 from llmux.state import AppState
@@ -12,14 +13,9 @@ router = APIRouter()
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
-    state = AppState.of(request)
-    return ModelList(
-        data=[
-            model_card(state.registry, name, state.started_at)
-            for name in state.registry.virtual_models
-        ]
-    )
+async def list_models(request: Request) -> Response:
+    # The cheapest endpoint clients poll: its body is rendered once, not validated per request.
+    return Response(AppState.of(request).model_list_json, media_type="application/json")
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
