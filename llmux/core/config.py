@@ -109,7 +109,7 @@ class PhysicalModel(StrictModel):
         None,
         gt=0,
         description="llamacpp: CPU threads for prompt and generation. Default: the machine's "
-        "physical cores (those this process may run on).",
+        "physical cores (those this process may run on, within its cgroup's CPU quota).",
     )
     n_batch: int | None = Field(
         None,
