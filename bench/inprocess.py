@@ -100,13 +100,23 @@ class _Once:
 
 
 class LlamaInProcess:
-    """A GGUF under llama-cpp-python with the defaults llmux and llama_cpp.server use (every
-    layer on the GPU when the build has one; their default thread counts)."""
+    """A GGUF under llama-cpp-python as llmux and the bench's llama_cpp.server run it: every
+    layer on the GPU when the build has one, llmux's default threads (one per physical core)."""
 
     def __init__(self, model: Path, n_ctx: int) -> None:
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(model), n_ctx=n_ctx, n_gpu_layers=-1, verbose=False)
+        from runners.cpus import physical_cores  # the standard library only
+
+        threads = physical_cores()
+        self.llm = Llama(
+            model_path=str(model),
+            n_ctx=n_ctx,
+            n_gpu_layers=-1,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
         self.prompt: list[int] = []
 
     def set_prompt(self, messages: list[dict[str, Any]]) -> int:

@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import yaml
 
+from runners.cpus import physical_cores
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 KEY = "sk-llmux-bench-" + "b" * 32
@@ -209,6 +211,11 @@ def start_llama_server(work: Path, model: Path, n_ctx: int) -> Served:
         str(n_ctx),
         "--n_gpu_layers",
         "-1",
+        # llmux's default threads, not llama_cpp.server's (half the logical CPUs).
+        "--n_threads",
+        str(physical_cores()),
+        "--n_threads_batch",
+        str(physical_cores()),
     ]
     return _start("llama_cpp.server", argv, env, work / "llama-server.log", "/v1/models", 120)
 
