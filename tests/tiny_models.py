@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 QWEN_SPECIAL = [
     "<|endoftext|>",
@@ -60,14 +61,11 @@ QWEN_TEMPLATE = """\
 PATCH, MERGE = 8, 2  # a 32x32 image -> 4x4 patches -> 2x2 merged = 4 image tokens
 
 
-def build_tiny_qwen35_vl(out: Path) -> None:
-    """Save a random Qwen3.5 vision model with everything AutoProcessor needs into `out`."""
-    import torch
+def _save_qwen_tokenizer(out: Path) -> Any:
+    """A small byte-level BPE tokenizer with Qwen's special tokens and chat template, saved to
+    `out` (typed Any: its token lookups are read as ids)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3_5Config, Qwen3_5ForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -91,6 +89,18 @@ def build_tiny_qwen35_vl(out: Path) -> None:
     )
     tokenizer.chat_template = QWEN_TEMPLATE
     tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def build_tiny_qwen35_vl(out: Path) -> None:
+    """Save a random Qwen3.5 vision model with everything AutoProcessor needs into `out`."""
+    import torch
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tokenizer = _save_qwen_tokenizer(out)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH,
         temporal_patch_size=2,
@@ -162,3 +172,31 @@ def build_tiny_qwen35_vl(out: Path) -> None:
             }
         )
     )
+
+
+def build_tiny_qwen3(out: Path) -> None:
+    """Save a random text-only Qwen3 model (every layer full attention, which continuous batching
+    serves) with the same tokenizer and chat template as `build_tiny_qwen35_vl`."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _save_qwen_tokenizer(out)
+    token = tokenizer.convert_tokens_to_ids
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=512,
+        eos_token_id=token("<|im_end|>"),
+        pad_token_id=token("<|endoftext|>"),
+        tie_word_embeddings=True,
+        # Wider than the default 0.02, so that greedy answers differ from prompt to prompt
+        # instead of repeating one token.
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).save_pretrained(out)
