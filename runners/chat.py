@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from runners.base import Runner
 
@@ -78,3 +78,18 @@ class ChatRunner(Runner, Protocol):
         can read token ids; None when this runner cannot build one (the parser then reads the
         text). Asked only for harmony-family models, on a worker thread (it may write a cache
         file); kept until `unload`."""
+
+
+@runtime_checkable
+class BatchingChatRunner(ChatRunner, Protocol):
+    """A chat runner that can generate several requests together (continuous batching)."""
+
+    @property
+    def batch_size(self) -> int:
+        """How many generations that `batches` admits may run at once; 1 while none batch (a
+        model that cannot batch, or before `load`). Changes only at load, unload, park, unpark,
+        or when batching fails and the runner falls back to one request at a time."""
+
+    def batches(self, request: GenerationRequest) -> bool:
+        """Whether `generate` runs this request beside others. A request it does not batch must
+        run alone: no other generation on this runner while it runs."""

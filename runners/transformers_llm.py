@@ -14,10 +14,19 @@ optionally constrained to a JSON schema (`runners.constrained`), streamed token 
 (`runners.token_stream`). Special tokens stay in the text only for the harmony family (gpt-oss),
 whose parser reads them; for everything else they are dropped.
 
+Two paths (`batches` says which a request takes):
+- Continuous batching (`runners.batching`), for a text-only model whose every layer has a paged
+  cache (full or sliding attention; not Qwen3.5's linear attention) when `max_batch_size` (default
+  `DEFAULT_MAX_BATCH_SIZE`) is over 1: up to that many generations run together, and complete
+  cache pages of earlier prompts are reused. It takes unseeded requests without a JSON schema.
+- One at a time (`model.generate`): vision models, seeded and JSON-schema requests, and every
+  request of a model that cannot batch. The load logs why a model does not batch.
+
 Threading: `load`, `unload`, `render_prompt` and `generate` block and run on the caller's worker
-thread. `generate` adds one inner thread for `model.generate`, joined before it returns or is
-closed. Generations on one runner must not overlap (the chat session serialises them per model):
-some models keep per-call state on the module (Qwen-VL's rope deltas).
+thread. A one-at-a-time `generate` adds one inner thread for `model.generate`, joined before it
+returns or is closed; batched ones wait for the batch loop's thread. A one-at-a-time generation
+must run alone (the chat session admits it alone; batched generations may overlap each other up
+to `batch_size`): some models keep per-call state on the module (Qwen-VL's rope deltas).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import io
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +61,7 @@ from runners.base import (
     torch_device_bytes,
     unpark_torch_modules,
 )
+from runners.batching import BatchingFailed, ContinuousBatcher
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
 from runners.mxfp4 import is_mxfp4_checkpoint, mxfp4_blockers, probe_mxfp4_environment
@@ -78,6 +89,13 @@ END_OF_TURN_TOKENS = (
     "<|return|>",
     "<|call|>",
 )
+# Without `max_batch_size` in models.yaml: generations batched together on a model that can batch.
+DEFAULT_MAX_BATCH_SIZE = 8
+# The batch cache holds this many full contexts (prompt plus answer) of tokens; sequences that
+# do not fit wait for room. Pages no sequence uses stay there for prefix reuse until needed.
+BATCH_CACHE_CONTEXTS = 2
+# Prompts encoded by `check`, kept for the `generate` of the same request object.
+ENCODED_KEPT = 64
 
 
 @dataclass
@@ -109,6 +127,10 @@ class TransformersChatRunner:
         self._harmony: HarmonyEncoding | None = None
         self._harmony_built = False
         self._loaded: _Loaded | None = None
+        self._batcher: ContinuousBatcher | None = None
+        # id(request) -> (the request, its encoded prompt): `check` encodes, `generate` reuses.
+        self._encoded: dict[int, tuple[weakref.ref[GenerationRequest], Any]] = {}
+        self._encoded_lock = threading.Lock()
 
     # --- Runner -------------------------------------------------------------------------------
 
@@ -208,8 +230,10 @@ class TransformersChatRunner:
             model.dtype,
             self.context_length,
         )
+        self._start_batching(self._loaded)
 
     def unload(self) -> None:
+        self._stop_batching()
         loaded, self._loaded = self._loaded, None
         self._harmony, self._harmony_built = None, False
         on_cuda = loaded is not None and loaded.device.type == "cuda"
@@ -217,17 +241,24 @@ class TransformersChatRunner:
         free_device_memory(on_cuda)
 
     def device_bytes(self) -> int | None:
-        return None if self._loaded is None else torch_device_bytes(self._loaded.model)
+        if self._loaded is None:
+            return None
+        model_bytes = torch_device_bytes(self._loaded.model)
+        if model_bytes is None or self._batcher is None:
+            return model_bytes
+        return model_bytes + self._batcher.cache_bytes()
 
     # --- Parkable -----------------------------------------------------------------------------
 
     def park(self) -> None:
         loaded = self._require()
+        self._stop_batching()  # its cache lives on the device
         park_torch_modules(self.physical_id, loaded.device, loaded.model)
 
     def unpark(self) -> None:
         loaded = self._require()
         unpark_torch_modules(self.physical_id, loaded.device, loaded.model)
+        self._start_batching(loaded)
 
     def host_bytes(self) -> int:
         return 0 if self._loaded is None else torch_bytes(self._loaded.model)
@@ -268,9 +299,28 @@ class TransformersChatRunner:
         assert isinstance(prompt, str)
         return prompt
 
+    @property
+    def batch_size(self) -> int:
+        """How many generations that `batches` admits may run at once (1 when none batch)."""
+        return 1 if self._batcher is None else self._batcher.batch_size
+
+    def batches(self, request: GenerationRequest) -> bool:
+        """Whether `generate` runs this request in the continuous batch, beside up to
+        `batch_size - 1` others; otherwise it must run alone. Text-only, unseeded requests
+        without a JSON schema batch, on a model that batches."""
+        batcher = self._batcher
+        return (
+            batcher is not None
+            and batcher.failure() is None
+            and not request.images
+            and request.seed is None
+            and request.json_schema is None
+        )
+
     def check(self, request: GenerationRequest) -> None:
         loaded = self._require()
         inputs = self._encode(loaded, self.render_prompt(request), request.images)
+        self._keep_encoded(request, inputs)
         completion_budget(
             self.physical_id,
             self.context_length,
@@ -292,7 +342,9 @@ class TransformersChatRunner:
         Raises `BadRequest` for a prompt that does not fit the context, unreadable images or an
         unusable JSON schema, before anything is generated."""
         loaded = self._require()
-        inputs = self._encode(loaded, self.render_prompt(request), request.images)
+        inputs = self._take_encoded(request)
+        if inputs is None:
+            inputs = self._encode(loaded, self.render_prompt(request), request.images)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         budget = completion_budget(
             self.physical_id, self.context_length, prompt_tokens, request.max_tokens
@@ -306,19 +358,29 @@ class TransformersChatRunner:
             loaded.tokenizer, skip_special_tokens=not request.keep_special_tokens
         )
         produced, last = 0, None
-        with contextlib.closing(
-            stream_tokens(
+        batcher = self._batcher
+        if batcher is not None and self.batches(request):
+            sampler = make_sampler(request.temperature, request.top_p, None, loaded.device)
+            token_stream: Iterator[int] = batcher.generate(
+                inputs["input_ids"][0].tolist(), budget, sampler, cancel
+            )
+        else:
+            token_stream = stream_tokens(
                 loaded.model,
                 inputs,
                 self._generate_kwargs(loaded, request, budget),
                 cancel,
                 thread_name=f"generate-{self.physical_id}",
             )
-        ) as tokens:
-            for token in tokens:
-                last = token
-                produced += token not in loaded.stop_token_ids
-                yield GenerationChunk(text=detokenizer.push([token]), token_ids=(token,))
+        try:
+            with contextlib.closing(token_stream) as tokens:  # type: ignore[type-var]
+                for token in tokens:
+                    last = token
+                    produced += token not in loaded.stop_token_ids
+                    yield GenerationChunk(text=detokenizer.push([token]), token_ids=(token,))
+        except BatchingFailed as exc:
+            self._drop_failed_batcher(batcher, exc)
+            raise
         hit_limit = produced >= budget and last not in loaded.stop_token_ids
         yield GenerationChunk(
             text=detokenizer.flush(),
@@ -328,6 +390,71 @@ class TransformersChatRunner:
         )
 
     # --- helpers ------------------------------------------------------------------------------
+
+    def _start_batching(self, loaded: _Loaded) -> None:
+        """Continuous batching for this model if it can have it; if not, a log line says why and
+        every request takes the one-at-a-time path."""
+        size = self.spec.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        reason = None
+        attention = getattr(loaded.model.config, "_attn_implementation", None)
+        if size <= 1:
+            reason = "max_batch_size is 1"
+        elif loaded.processor is not None:
+            reason = "it is a vision model (images are generated one request at a time)"
+        elif attention != "sdpa" and not str(attention).startswith("flash"):
+            reason = f"its attention implementation {attention!r} has no paged form beside generate"
+        if reason is None:
+            try:
+                self._batcher = ContinuousBatcher(
+                    loaded.model,
+                    stop_token_ids=loaded.stop_token_ids,
+                    batch_size=size,
+                    cache_tokens=BATCH_CACHE_CONTEXTS * self.context_length,
+                    share_prefixes=self.spec.prefix_cache_mb != 0,
+                )
+            except Exception as exc:  # a model transformers cannot batch, or no room for a cache
+                reason = f"transformers cannot batch it: {type(exc).__name__}: {exc}"
+        if reason is None:
+            log.info("%s: continuous batching, up to %d requests at once", self.physical_id, size)
+        else:
+            log.info("%s: generates one request at a time: %s", self.physical_id, reason)
+
+    def _drop_failed_batcher(self, batcher: ContinuousBatcher | None, error: Exception) -> None:
+        """After a batched sequence failed: if the whole batch loop is going (not just that
+        sequence), stop batching, so that later requests are served one at a time."""
+        failure = None if batcher is None else batcher.failure()
+        if batcher is None or failure is None or self._batcher is not batcher:
+            return
+        log.warning(
+            "%s: continuous batching stopped (%s: %s); generating one request at a time until "
+            "the model is loaded again",
+            self.physical_id,
+            failure,
+            error,
+        )
+        self._batcher = None
+        batcher.close()
+
+    def _stop_batching(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+        with self._encoded_lock:
+            self._encoded.clear()
+
+    def _keep_encoded(self, request: GenerationRequest, inputs: Any) -> None:
+        with self._encoded_lock:
+            if len(self._encoded) >= ENCODED_KEPT:
+                self._encoded.pop(next(iter(self._encoded)))
+            self._encoded[id(request)] = (weakref.ref(request), inputs)
+
+    def _take_encoded(self, request: GenerationRequest) -> Any:
+        """The prompt `check` encoded for this very request object, or None."""
+        with self._encoded_lock:
+            kept = self._encoded.pop(id(request), None)
+        if kept is None or kept[0]() is not request:
+            return None
+        return kept[1]
 
     def _read_config(self, transformers: Any) -> PretrainedConfig:
         try:

@@ -66,6 +66,9 @@ def gemma() -> Iterator[TransformersChatRunner]:
         parser="plain",
         context_length=4096,
         chat_template=str(GEMMA_TEMPLATE),
+        # These tests pin the one-at-a-time path (generate's own cancel points, its seeded
+        # sampler); batching has tests/test_continuous_batching.py.
+        max_batch_size=1,
     )
     runner = TransformersChatRunner("gemma3-270m", spec, GEMMA_DIR)
     runner.load()

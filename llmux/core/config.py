@@ -126,13 +126,17 @@ class PhysicalModel(StrictModel):
         None,
         ge=0,
         description="llm: host memory (MB) kept for the model states of recent long prompts, so "
-        "that the next message of a chat does not prefill its tools again; 0 turns it off.",
+        "that the next message of a chat does not prefill its tools again; 0 turns it off. "
+        "transformers: prompt pages are reused inside the continuous-batching cache (sized by "
+        "the context), so only 0 (no reuse) is read.",
     )
     max_batch_size: int | None = Field(
         None,
         gt=0,
         description="transformers llm: concurrent requests generated together in one batch "
-        "(continuous batching); 1 generates one request at a time.",
+        "(continuous batching); 1 generates one request at a time. Default 8, for a text-only "
+        "model whose layers transformers can page (full or sliding attention, sdpa or flash); "
+        "others always generate one at a time.",
     )
 
     @property

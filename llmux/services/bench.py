@@ -143,9 +143,7 @@ async def _gpu_half(
     async with state.residency.use(physical_id) as runner:
         load_s = time.perf_counter() - started
         lock = (
-            state.chat.generation_lock(physical_id)
-            if spec.type == "llm"
-            else contextlib.nullcontext()
+            state.chat.gate(physical_id).alone() if spec.type == "llm" else contextlib.nullcontext()
         )
         cancel = threading.Event()
         async with lock:

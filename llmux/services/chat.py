@@ -10,8 +10,10 @@ Contracts:
   (bounded by max_tokens and the context) that the response body reads: when the worker thread
   has really stopped, the task lets go of the model, whether or not the client has read anything.
   So a client that stops reading cannot keep a model resident, nor block the swaps waiting for it.
-- Generations on one model run one at a time, first come first served (an asyncio.Lock per
-  physical model is FIFO); backends are not safe to call concurrently.
+- Generations on one model are admitted first come first served by its `GenerationGate`: those
+  the runner batches (`BatchingChatRunner.batches`) run together, up to its batch size; any
+  other runs alone, as does the admin benchmark (`alone`). Each session holds the model
+  (residency) for its own generation, so no sequence of a batch runs on an evicted model.
 - `close()` is the one way out and is idempotent: it sets the runner's cancel event, waits
   (shielded) for the generation task and its worker thread, and lets go of the model. It never
   depends on the framework closing a generator: Starlette cancels a body at its `send` and never
@@ -28,12 +30,13 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import cast
 
 import anyio
 
+from llmux.core.admission import GenerationGate
 from llmux.core.concurrency import iterate_in_thread, run_to_end
 from llmux.core.config import Registry
 from llmux.core.errors import ApiError, InternalError
@@ -55,7 +58,7 @@ from llmux.wire.chat import (
     sse_event,
 )
 from llmux_policy.executor import Residency
-from runners.chat import ChatRunner, GenerationChunk
+from runners.chat import BatchingChatRunner, ChatRunner, GenerationChunk
 
 log = logging.getLogger("llmux.chat")
 
@@ -67,12 +70,15 @@ class Finished:
 
 
 class ChatService:
-    """Starts chat sessions; owns the per-model generation locks."""
+    """Starts chat sessions; owns the per-model generation gates."""
 
     def __init__(self, registry: Registry, residency: Residency) -> None:
         self._registry = registry
         self._residency = residency
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._gates: dict[str, GenerationGate] = {}
+        # Per model, the threads batched generations wait on (the batch computes on its own
+        # thread): as many as the batch admits, beside the model's inference threads.
+        self._batch_threads: dict[str, tuple[int, ThreadPoolExecutor]] = {}
         self._holding: set[threading.Event] = set()  # the cancel events of sessions holding models
 
     async def start(self, body: ChatCompletionRequest) -> ChatSession:
@@ -82,7 +88,7 @@ class ChatService:
         stack = contextlib.AsyncExitStack()
         held = await stack.enter_async_context(self._residency.use(physical_id))
         runner = cast(ChatRunner, held)  # the registry said this model is an llm
-        lock = self.generation_lock(physical_id)
+        gate = self.gate(physical_id)
         threads = self._residency.inference_threads(physical_id)
         try:
             # Everything a client can be told off for is checked before the answer starts. Not
@@ -92,15 +98,33 @@ class ChatService:
         except BaseException:
             await stack.aclose()
             raise
-        session = ChatSession(body, prepared, runner, lock, stack, threads)
+        batch_size = (
+            runner.batch_size
+            if isinstance(runner, BatchingChatRunner) and runner.batches(prepared.generation)
+            else 0
+        )
+        if batch_size:
+            threads = self._waiting_threads(physical_id, batch_size)
+        session = ChatSession(body, prepared, runner, gate, batch_size, stack, threads)
         self._holding.add(session.cancel)
         stack.callback(self._holding.discard, session.cancel)
         return session
 
-    def generation_lock(self, physical_id: str) -> asyncio.Lock:
-        """The lock a generation on `physical_id` holds while it runs (the admin benchmark takes
-        it too, so its timed run shares the model with no one)."""
-        return self._locks.setdefault(physical_id, asyncio.Lock())
+    def gate(self, physical_id: str) -> GenerationGate:
+        """What admits generations on `physical_id` (the admin benchmark holds it `alone`, so its
+        timed run shares the model with no one)."""
+        return self._gates.setdefault(physical_id, GenerationGate())
+
+    def _waiting_threads(self, physical_id: str, batch_size: int) -> ThreadPoolExecutor:
+        size, pool = self._batch_threads.get(physical_id, (0, None))
+        if pool is None or size < batch_size:
+            if pool is not None:
+                pool.shutdown(wait=False)  # its threads end with the generations they run
+            pool = ThreadPoolExecutor(
+                max_workers=batch_size, thread_name_prefix=f"llmux-batch-{physical_id}"
+            )
+            self._batch_threads[physical_id] = (batch_size, pool)
+        return pool
 
     async def stop(self, grace_s: float) -> None:
         """For shutdown: give generations in progress `grace_s` to end, then cancel them (each
@@ -127,9 +151,11 @@ class ChatSession:
     body: ChatCompletionRequest
     prepared: PreparedChat
     runner: ChatRunner
-    lock: asyncio.Lock
+    gate: GenerationGate
+    # > 0: the runner batches this request, beside up to batch_size - 1 others; 0: it runs alone.
+    batch_size: int
     _stack: contextlib.AsyncExitStack
-    threads: Executor  # the model's inference threads
+    threads: Executor  # the threads its generation runs (or, batched, waits) on
     cancel: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -164,7 +190,8 @@ class ChatSession:
         forced_text: list[str] = []
         final = GenerationChunk()
         saw_call = False
-        async with self.lock:
+        admission = self.gate.shared(self.batch_size) if self.batch_size else self.gate.alone()
+        async with admission:
             if self.cancel.is_set():  # the client left while this request waited its turn
                 yield Finished("stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
                 return

@@ -1,0 +1,243 @@
+"""Continuous batching for transformers chat models: many sequences, one forward pass per step.
+
+transformers 5.23's `ContinuousBatchingManager` keeps a paged KV cache and one loop thread that,
+at every step, runs the forward pass for every admitted sequence together (prefill chunks and
+decode tokens side by side) and hands each sequence its new token. `ContinuousBatcher` wraps one
+manager for one loaded model:
+
+- Each sequence's tokens reach the thread that asked for them through a queue of its own (the
+  manager's shared output queue would hand one consumer another's tokens).
+- Sampling is per sequence and exact: the manager decodes greedily, and a logits processor of
+  ours applies each sampled sequence's own `runners.sampling` sampler to its row (the manager's
+  own sampling draws from one generator for the whole batch). Seeded requests are not sent here
+  (see `TransformersChatRunner.batches`): a batch's numerics depend on who else is in it, so a
+  seed would not reproduce its tokens.
+- Prefix sharing: a complete cache page (`PAGE_TOKENS`) that an earlier or concurrent sequence
+  computed for the same tokens is reused, not recomputed, while the cache has room to keep it.
+  That is what spares the second message of a tool-heavy chat the prefill of its tool block.
+- The cache is sized here (`cache_tokens`), never from "free memory": the manager's default
+  takes most of what the device has free, which belongs to the other resident models.
+
+Threading: `generate` blocks on the caller's thread, waiting on its queue; the compute happens
+on the manager's loop thread. `close` stops that thread (a sequence still running gets an error)
+and drops the cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LogitsProcessor, PreTrainedModel
+
+log = logging.getLogger("llmux.runners.batching")
+
+# Tokens per cache page: the unit of prefix reuse (only whole pages are shared).
+PAGE_TOKENS = 64
+# The most prompt tokens one step prefills (a longer prompt is prefilled over several steps,
+# while the other sequences keep decoding).
+MAX_STEP_TOKENS = 1024
+# How often a waiting consumer looks at its cancel event.
+CANCEL_POLL_S = 0.05
+
+
+class BatchingFailed(RuntimeError):
+    """The batch loop refused or lost a sequence (its message says why)."""
+
+
+class ContinuousBatcher:
+    """Continuous batching over one loaded model. Construction allocates the cache and starts the
+    loop thread; it raises whatever transformers raises for a model it cannot batch (a layer
+    type without a paged cache, such as Qwen3.5's linear attention)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        stop_token_ids: Sequence[int],
+        batch_size: int,
+        cache_tokens: int,
+        share_prefixes: bool,
+    ) -> None:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.cb_logits_processors import (
+            ContinuousBatchingLogitsProcessorList,
+        )
+
+        self.batch_size = batch_size
+        self._stop_token_ids = list(stop_token_ids)
+        self._sampling = _per_sequence_sampling()
+        self._router = _per_sequence_router()
+        self._ids = itertools.count()
+        config = ContinuousBatchingConfig(
+            page_size=PAGE_TOKENS,
+            num_blocks=-(-cache_tokens // PAGE_TOKENS),
+            max_batch_tokens=MAX_STEP_TOKENS,
+            max_requests_per_batch=batch_size,
+            allow_block_sharing=share_prefixes,
+            # Keep the model's attention implementation: a switch (to flash, or eager to
+            # paged|eager) would change what the one-at-a-time path runs between batches.
+            auto_switch_to_flash=False,
+            use_async_batching=False,
+            use_cuda_graph=False,
+        )
+        with torch.no_grad():
+            manager: Any = cast(Any, model).init_continuous_batching(
+                generation_config=GenerationConfig(
+                    do_sample=False, eos_token_id=self._stop_token_ids
+                ),
+                continuous_batching_config=config,
+            )
+        # Before the batch processor exists (warmup makes it): it takes both at creation.
+        processors = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([self._sampling]))
+        processors.tensors_required = 1  # one int32 per row: the sequence's sampler key
+        manager.logit_processor = processors
+        manager.output_router = self._router
+        manager.warmup()  # allocates the cache now (no graphs to capture without CUDA graphs)
+        manager.start()
+        self._manager = manager
+
+    def cache_bytes(self) -> int:
+        """Bytes of the paged cache (on the model's device)."""
+        processor = self._manager.batch_processor
+        return 0 if processor is None else int(processor.cache.cache_tensor.nbytes)
+
+    def failure(self) -> str | None:
+        """Why the loop thread is stopping or gone, or None while it serves. (After a fatal error
+        the loop asks itself to stop before it fails its sequences, so this is already set when
+        a failed sequence's consumer looks.)"""
+        status = self._manager.background_thread_status
+        error = status.fatal_error
+        if error is not None:
+            return f"{type(error).__name__}: {error}"
+        refusal = status.can_accept_new_requests()
+        if refusal is not None:
+            return str(refusal)
+        if not self._manager.is_running():
+            return "the batch loop has stopped"
+        return None
+
+    def generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        sampler: LogitsProcessor | None,
+        cancel: threading.Event,
+    ) -> Iterator[int]:
+        """Each new token id of one sequence as the loop makes it (the last may be a stop token).
+        Ends within one step once `cancel` is set, and frees the sequence's cache slot.
+        Raises `BatchingFailed` if the loop refuses or fails the sequence."""
+        request_id = f"llmux-{next(self._ids)}"
+        key = int(request_id.rsplit("-", 1)[1])
+        outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._router.queues[request_id] = outputs
+        if sampler is not None:
+            self._sampling.samplers[key] = sampler
+        finished = False
+        try:
+            added = self._manager.add_request(
+                input_ids,
+                request_id=request_id,
+                max_new_tokens=max_new_tokens,
+                streaming=True,
+                eos_token_id=self._stop_token_ids,
+                llmux_sequence=key,
+            )
+            if added is None:
+                raise BatchingFailed(f"the batch loop took no new sequence ({self.failure()})")
+            sent = 0
+            while not cancel.is_set():
+                try:
+                    output = outputs.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if self.failure() is not None:
+                        raise BatchingFailed(f"the batch loop stopped: {self.failure()}") from None
+                    continue
+                if output.error is not None:
+                    finished = True
+                    raise BatchingFailed(output.error)
+                tokens = output.generated_tokens
+                yield from tokens[sent:]
+                sent = len(tokens)
+                if output.is_finished():
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._manager.cancel_request(request_id)
+            self._router.queues.pop(request_id, None)
+            self._sampling.samplers.pop(key, None)
+
+    def close(self) -> None:
+        """Stop the loop thread and drop the cache. Idempotent."""
+        manager = self._manager
+        if manager.is_running():
+            manager.stop(block=True, timeout=30)
+        manager.batch_processor = None
+
+
+def _per_sequence_router() -> Any:
+    """An OutputRouter that puts each sequence's outputs on that sequence's own queue; outputs of
+    a sequence nobody waits for any more (cancelled) are dropped."""
+    from transformers.generation.continuous_batching.continuous_api import OutputRouter
+
+    class PerSequenceRouter(OutputRouter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queues: dict[str, queue.SimpleQueue[Any]] = {}
+
+        def deliver(self, output: Any) -> None:
+            outputs = self.queues.get(output.request_id)
+            if outputs is not None:
+                outputs.put(output)
+
+        def deliver_batch(self, outputs: list[Any]) -> None:
+            for output in outputs:
+                self.deliver(output)
+
+    return PerSequenceRouter()
+
+
+def _per_sequence_sampling() -> Any:
+    """A continuous-batching logits processor that runs, on each row of a step's logits, the
+    sampler of the sequence that row belongs to (rows of greedy sequences are left alone). Each
+    row carries its sequence's key as the processor's per-request argument."""
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessor,
+    )
+
+    class PerSequenceSampling(ContinuousBatchingLogitsProcessor):
+        supported_kwargs: dict[str, type] = {"llmux_sequence": int}  # noqa: RUF012
+        ignored_kwargs: tuple[str, ...] = ()
+
+        def __init__(self) -> None:
+            self.samplers: dict[int, Any] = {}
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            int32_tensor.fill_(-1)
+
+        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+            keys = [
+                r.state.logit_processor_kwargs.get("llmux_sequence", -1)
+                for r in requests_with_new_token
+            ]
+            return torch.tensor(keys, dtype=torch.int32, device="cpu")
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            keys = tensor_arg[: scores.size(0)].tolist()
+            for row, key in enumerate(keys):
+                sampler = self.samplers.get(key)
+                if sampler is not None:
+                    scores[row : row + 1] = sampler(None, scores[row : row + 1])
+            return scores
+
+    return PerSequenceSampling()
