@@ -164,11 +164,11 @@ class TransformersInProcess:
 
     def __init__(self, path: Path) -> None:
         import torch
-        from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model: Any = AutoModelForImageTextToText.from_pretrained(
+        self.model: Any = AutoModelForCausalLM.from_pretrained(
             path, dtype="auto", device_map=device
         )
         self.model.eval()

@@ -153,7 +153,6 @@ def write_llmux_config(work: Path, tiny_transformers: Path | None) -> Path:
             "backend": "transformers",
             "path": str(tiny_transformers),
             "estimated_vram_gb": 0.1,
-            "supports_vision": True,
             "parser": "qwen3.5",
         }
         registry["virtual_models"]["Tiny-Transformers"] = {

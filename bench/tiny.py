@@ -1,5 +1,7 @@
 """The tiny transformers chat model of the transformers rows: tests/tiny_models.py's random
-Qwen3.5-style model, its matrices drawn again from a seed whose greedy answer is visible text.
+text-only Qwen3 model (full attention in every layer, so llmux batches it: the concurrency rows
+measure continuous batching), its matrices drawn again from a seed whose greedy answer is
+visible text.
 
 The test model's own weights answer with newlines only, which llmux (rightly) sends as no
 content, so no first token could be timed. A random model stays a random model: only the ratios
@@ -17,13 +19,13 @@ PROMPT = "Hello world! What colour is this image?"
 
 def build_tiny_chat_model(out: Path) -> Path:
     import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    from tests.tiny_models import build_tiny_qwen35_vl
+    from tests.tiny_models import build_tiny_qwen3
 
-    build_tiny_qwen35_vl(out)
+    build_tiny_qwen3(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model: Any = AutoModelForImageTextToText.from_pretrained(out)
+    model: Any = AutoModelForCausalLM.from_pretrained(out)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}],
         add_generation_prompt=True,
