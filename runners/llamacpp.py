@@ -342,9 +342,10 @@ class LlamaCppChatRunner:
         self, request: GenerationRequest, prompt: list[int], start: int
     ) -> int | None:
         """Where the last message's content starts in `prompt`, if a state should be kept there:
-        only for a model whose state cannot be cut (recurrent), when the prompt is long, and past
-        what the context already holds. Found by rendering the request once more with that content
-        changed: the tokens the two prompts share come before it."""
+        only for a model whose state cannot be cut (recurrent), when the prompt is long, and at
+        least `min_tokens` past what the context already holds (so a long chat keeps a state
+        every few messages, not one per message). Found by rendering the request once more with
+        that content changed: the tokens the two prompts share come before it."""
         prompts = self._prompts
         if (
             prompts is None

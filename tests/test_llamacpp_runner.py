@@ -254,3 +254,38 @@ def test_unload_frees_the_saved_states_and_check_tokenizes_for_generate() -> Non
     assert runner.prompt_cache_bytes() > 0
     runner.unload()
     assert runner.prompt_cache_bytes() == 0 and runner._prompts is None
+
+
+def test_after_an_image_request_the_context_s_token_record_is_not_trusted() -> None:
+    """MTMD evaluates image embeddings at positions whose token ids it leaves as they were: a
+    text prompt that matched those stale ids would start from an image's state."""
+    import io
+
+    from PIL import Image
+
+    from runners.prompt_states import PromptStates
+    from tests.test_prompt_states import FakeContext
+
+    class Handler:
+        def __call__(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
+            yield {"choices": [{"delta": {"content": "A cat."}, "finish_reason": "stop"}]}
+
+    class Llm:
+        n_tokens = 12
+
+        def tokenize(self, data: bytes, add_bos: bool, special: bool) -> list[int]:
+            return [1, 2]
+
+    runner = LlamaCppChatRunner("m", spec(mmproj_file="p.gguf"), Path("/nowhere"))
+    context = FakeContext()
+    context.tokens = list(range(10))  # what the text path left, then overwritten by an image
+    states = PromptStates(context, budget_bytes=0)
+    runner._llm, runner._template, runner._vision = Llm(), object(), Handler()  # type: ignore[assignment]
+    runner._prompts = states
+    png = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(png, format="PNG")
+    request = GenerationRequest(
+        messages=[{"role": "user", "content": [{"type": "image"}]}], images=[png.getvalue()]
+    )
+    list(runner.generate(request, threading.Event()))
+    assert states.start(list(range(12))) == 0 and context.tokens == []
