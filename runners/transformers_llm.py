@@ -20,7 +20,9 @@ Two paths (`batches` says which a request takes):
   `DEFAULT_MAX_BATCH_SIZE`) is over 1: up to that many generations run together, and complete
   cache pages of earlier prompts are reused. It takes unseeded requests without a JSON schema.
 - One at a time (`model.generate`): vision models, seeded and JSON-schema requests, and every
-  request of a model that cannot batch. The load logs why a model does not batch.
+  request of a model that cannot batch. The load logs why a model does not batch. A long text
+  prompt continues from the kept state of an earlier prompt's prefix and leaves its own
+  (`runners.prefix_snapshots`, up to `prefix_cache_mb` of host memory).
 
 Threading: `load`, `unload`, `render_prompt` and `generate` block and run on the caller's worker
 thread. A one-at-a-time `generate` adds one inner thread for `model.generate`, joined before it
@@ -65,6 +67,7 @@ from runners.batching import BatchingFailed, ContinuousBatcher
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
 from runners.mxfp4 import is_mxfp4_checkpoint, mxfp4_blockers, probe_mxfp4_environment
+from runners.prefix_snapshots import PrefixSnapshots
 from runners.sampling import make_sampler
 from runners.token_stream import IncrementalDetokenizer, stream_tokens
 
@@ -96,6 +99,13 @@ DEFAULT_MAX_BATCH_SIZE = 8
 BATCH_CACHE_CONTEXTS = 2
 # Prompts encoded by `check`, kept for the `generate` of the same request object.
 ENCODED_KEPT = 64
+# The one-at-a-time path's prefix snapshots (`runners.prefix_snapshots`): host memory for them
+# without `prefix_cache_mb`, the prompts long enough to snapshot, the page their points fall on,
+# and the tokens left out at a prompt's end (its generation prompt, rendered otherwise next time).
+DEFAULT_PREFIX_CACHE_MB = 1024
+SNAPSHOT_MIN_TOKENS = 1024
+SNAPSHOT_PAGE_TOKENS = 256
+SNAPSHOT_MARGIN_TOKENS = 16
 
 
 @dataclass
@@ -131,6 +141,7 @@ class TransformersChatRunner:
         # id(request) -> (the request, its encoded prompt): `check` encodes, `generate` reuses.
         self._encoded: dict[int, tuple[weakref.ref[GenerationRequest], Any]] = {}
         self._encoded_lock = threading.Lock()
+        self._snapshots: PrefixSnapshots | None = None
 
     # --- Runner -------------------------------------------------------------------------------
 
@@ -231,9 +242,18 @@ class TransformersChatRunner:
             self.context_length,
         )
         self._start_batching(self._loaded)
+        if self.spec.prefix_cache_mb != 0:
+            budget_mb = self.spec.prefix_cache_mb or DEFAULT_PREFIX_CACHE_MB
+            self._snapshots = PrefixSnapshots(
+                int(budget_mb * 2**20),
+                page_tokens=SNAPSHOT_PAGE_TOKENS,
+                min_tokens=SNAPSHOT_MIN_TOKENS,
+                margin=SNAPSHOT_MARGIN_TOKENS,
+            )
 
     def unload(self) -> None:
         self._stop_batching()
+        self._snapshots = None
         loaded, self._loaded = self._loaded, None
         self._harmony, self._harmony_built = None, False
         on_cuda = loaded is not None and loaded.device.type == "cuda"
@@ -365,10 +385,14 @@ class TransformersChatRunner:
                 inputs["input_ids"][0].tolist(), budget, sampler, cancel
             )
         else:
+            generate_kwargs = self._generate_kwargs(loaded, request, budget)
+            cache = self._prefilled_prefix(loaded, request, inputs)
+            if cache is not None:
+                generate_kwargs["past_key_values"] = cache
             token_stream = stream_tokens(
                 loaded.model,
                 inputs,
-                self._generate_kwargs(loaded, request, budget),
+                generate_kwargs,
                 cancel,
                 thread_name=f"generate-{self.physical_id}",
             )
@@ -418,6 +442,41 @@ class TransformersChatRunner:
             log.info("%s: continuous batching, up to %d requests at once", self.physical_id, size)
         else:
             log.info("%s: generates one request at a time: %s", self.physical_id, reason)
+
+    def _prefilled_prefix(self, loaded: _Loaded, request: GenerationRequest, inputs: Any) -> Any:
+        """For the one-at-a-time path: a cache holding the longest kept prefix of this prompt,
+        prefilled further to this prompt's own snapshot point (kept for the next message), or
+        None to prefill the whole prompt in `generate`. Prompts with images are not snapshotted
+        (their positions depend on the images)."""
+        snapshots = self._snapshots
+        if snapshots is None or request.images:
+            return None
+        import torch
+        from transformers import DynamicCache
+
+        prompt_ids: list[int] = inputs["input_ids"][0].tolist()
+        point = snapshots.point(prompt_ids)
+        try:
+            start, cache = snapshots.longest(prompt_ids, loaded.device)
+            if start == 0 and point == 0:
+                return None
+            _forget_rope_deltas(loaded.model)
+            if point > start:
+                cache = cache if cache is not None else DynamicCache(config=loaded.model.config)
+                with torch.no_grad():
+                    cast(Any, loaded.model)(
+                        input_ids=inputs["input_ids"][:, start:point],
+                        past_key_values=cache,
+                        use_cache=True,
+                    )
+                snapshots.keep(prompt_ids[:point], cache)
+        except (RuntimeError, ValueError, TypeError, OSError) as exc:  # whole prefill instead
+            log.warning("%s: prefix snapshot not used: %s", self.physical_id, exc)
+            return None
+        log.debug(
+            "%s: prompt of %d tokens continues from %d", self.physical_id, len(prompt_ids), start
+        )
+        return cache
 
     def _drop_failed_batcher(self, batcher: ContinuousBatcher | None, error: Exception) -> None:
         """After a batched sequence failed: if the whole batch loop is going (not just that
@@ -637,3 +696,12 @@ def _harmony_encoding(weights: Path) -> HarmonyEncoding | None:
     except (HarmonyVocabError, OSError, KeyError, ValueError) as exc:
         log.warning("harmony output will be parsed from text, not token ids: %s", exc)
         return None
+
+
+def _forget_rope_deltas(model: PreTrainedModel) -> None:
+    """Qwen-VL models keep the last prompt's position offsets (images shift them) on a module and
+    apply them to any generation that starts from a non-empty cache: a text prompt continued from
+    a snapshot must have its positions worked out afresh."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            setattr(module, "rope_deltas", None)  # noqa: B010  (torch types the attribute)

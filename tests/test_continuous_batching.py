@@ -462,3 +462,19 @@ async def test_the_admin_bench_gets_the_model_alone(world: World) -> None:
         assert not late.done() and ActiveCountingRunner.active == 0
     await running
     await late
+
+
+async def test_a_side_request_is_answered_while_a_long_stream_runs(world: World) -> None:
+    """Open WebUI's pattern: the chat's stream is being generated when its title request comes;
+    the title is answered without waiting for the stream to end."""
+    stream_body = body(PROMPTS[0], max_tokens=400, stream=True)
+    main = await world.chat.start(stream_body)
+    try:
+        pieces = main.stream()
+        await anext(pieces)  # the role chunk, sent before generation
+        await anext(pieces)  # a generated token (or more): the stream is generating
+        title = await answer(world, body(PROMPTS[1], max_tokens=5))
+        assert title.usage.completion_tokens == 5
+        assert main._generation is not None and not main._generation.done()
+    finally:
+        await main.close()

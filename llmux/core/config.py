@@ -127,8 +127,9 @@ class PhysicalModel(StrictModel):
         ge=0,
         description="llm: host memory (MB) kept for the model states of recent long prompts, so "
         "that the next message of a chat does not prefill its tools again; 0 turns it off. "
-        "transformers: prompt pages are reused inside the continuous-batching cache (sized by "
-        "the context), so only 0 (no reuse) is read.",
+        "transformers: requests generated one at a time keep the state at a 256-token page "
+        "boundary of prompts of 1,024 tokens or more, in host memory (default 1024 MB); batched "
+        "requests reuse whole pages inside the continuous-batching cache, which 0 also stops.",
     )
     max_batch_size: int | None = Field(
         None,
