@@ -64,6 +64,7 @@ class ContinuousBatcher:
         batch_size: int,
         cache_tokens: int,
         share_prefixes: bool,
+        thread_name: str = "batch-loop",
     ) -> None:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
@@ -102,7 +103,13 @@ class ContinuousBatcher:
         manager.logit_processor = processors
         manager.output_router = self._router
         manager.warmup()  # allocates the cache now (no graphs to capture without CUDA graphs)
-        manager.start()
+        # manager.start(), but on a daemon thread: the manager's own is not one, and a process
+        # that exits without unloading the model would wait for it forever.
+        manager.background_thread_status.clear()
+        manager._generation_thread = threading.Thread(
+            target=manager._run_generation_loop, name=thread_name, daemon=True
+        )
+        manager._generation_thread.start()
         self._manager = manager
 
     def cache_bytes(self) -> int:

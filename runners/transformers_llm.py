@@ -435,6 +435,7 @@ class TransformersChatRunner:
                     batch_size=size,
                     cache_tokens=BATCH_CACHE_CONTEXTS * self.context_length,
                     share_prefixes=self.spec.prefix_cache_mb != 0,
+                    thread_name=f"batch-{self.physical_id}",
                 )
             except Exception as exc:  # a model transformers cannot batch, or no room for a cache
                 reason = f"transformers cannot batch it: {type(exc).__name__}: {exc}"
