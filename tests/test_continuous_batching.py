@@ -118,6 +118,25 @@ def test_concurrent_generations_give_the_one_at_a_time_greedy_tokens_and_usage(
     assert [u[2] for u in usage] == [8, 12, 16, 20]  # each its own max_tokens: "length"
 
 
+def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
+    qwen3_dir: Path, one_at_a_time: TransformersChatRunner
+) -> None:
+    """A cache of two contexts (256 tokens here) and four sequences of about 116 tokens each:
+    some wait for room (or are recomputed), and every answer is still the one-at-a-time one."""
+    runner = TransformersChatRunner(
+        "tiny-qwen3", spec(max_batch_size=4, context_length=128), qwen3_dir
+    )
+    runner.load()
+    try:
+        requests = [ask(p, max_tokens=100) for p in PROMPTS]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: run(runner, r), requests))
+        assert runner.batch_size == 4  # the loop survived
+    finally:
+        runner.unload()
+    assert [t for t, _ in together] == [run(one_at_a_time, r)[0] for r in requests]
+
+
 def test_concurrent_generations_share_forward_passes(batching: TransformersChatRunner) -> None:
     """Four streams of 16 tokens read in lockstep: one at a time they would take 64 forward
     passes; batched, each step serves all four."""
