@@ -129,7 +129,8 @@ class PhysicalModel(StrictModel):
         "that the next message of a chat does not prefill its tools again; 0 turns it off. "
         "transformers: requests generated one at a time keep the state at a 256-token page "
         "boundary of prompts of 1,024 tokens or more, in host memory (default 1024 MB); batched "
-        "requests reuse whole pages inside the continuous-batching cache, which 0 also stops.",
+        "requests on a model with full attention in every layer reuse whole pages inside the "
+        "continuous-batching cache, which 0 also stops.",
     )
     max_batch_size: int | None = Field(
         None,
