@@ -25,10 +25,12 @@ and drops the cache.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -104,13 +106,23 @@ class ContinuousBatcher:
         manager.output_router = self._router
         manager.warmup()  # allocates the cache now (no graphs to capture without CUDA graphs)
         # manager.start(), but on a daemon thread: the manager's own is not one, and a process
-        # that exits without unloading the model would wait for it forever.
+        # that exits without unloading the model would wait for it forever. The loop is still
+        # stopped at exit, before the interpreter finalizes: killed inside torch, it aborts.
         manager.background_thread_status.clear()
         manager._generation_thread = threading.Thread(
             target=manager._run_generation_loop, name=thread_name, daemon=True
         )
         manager._generation_thread.start()
         self._manager = manager
+        this = weakref.ref(self)
+
+        def stop_at_exit() -> None:
+            batcher = this()
+            if batcher is not None:
+                batcher.close()
+
+        self._stop_at_exit = stop_at_exit
+        atexit.register(stop_at_exit)
 
     def cache_bytes(self) -> int:
         """Bytes of the paged cache (on the model's device)."""
@@ -185,9 +197,10 @@ class ContinuousBatcher:
 
     def close(self) -> None:
         """Stop the loop thread and drop the cache. Idempotent."""
+        atexit.unregister(self._stop_at_exit)
         manager = self._manager
         if manager.is_running():
-            manager.stop(block=True, timeout=30)
+            manager.stop(block=True, timeout=30, hard_stop=True)  # any sequence left fails
         manager.batch_processor = None
 
 

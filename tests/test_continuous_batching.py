@@ -397,6 +397,11 @@ class ActiveCountingRunner(TransformersChatRunner):
 
     active = 0
     most = 0
+    active_at_unload: list[int] = []  # noqa: RUF012  (class-wide, like the counts)
+
+    def unload(self) -> None:
+        type(self).active_at_unload.append(type(self).active)
+        super().unload()
 
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
@@ -413,6 +418,7 @@ class ActiveCountingRunner(TransformersChatRunner):
 async def world(qwen3_dir: Path) -> Any:
     w = World(qwen3_dir)
     ActiveCountingRunner.active = ActiveCountingRunner.most = 0
+    ActiveCountingRunner.active_at_unload = []
     yield w
     await w.residency.close()
 
@@ -518,3 +524,15 @@ def test_a_process_that_never_unloads_a_batching_model_still_exits(qwen3_dir: Pa
     )
     done = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+async def test_an_unload_waits_for_every_sequence_of_the_batch(world: World) -> None:
+    """Each batched session holds the model: the operator's unload waits for all of them."""
+    gate = world.chat.gate("tiny")
+    answers = [asyncio.create_task(answer(world, body(p, max_tokens=120))) for p in PROMPTS[:3]]
+    while gate.holders < 3:
+        await asyncio.sleep(0.01)
+    assert await world.residency.unload("tiny", wait_s=120)
+    assert ActiveCountingRunner.active_at_unload == [0]
+    assert all(task.done() for task in answers)
+    assert [t.result().usage.completion_tokens for t in answers] == [120] * 3
