@@ -3,12 +3,20 @@ llama_cpp.server and through llmux, interleaved round by round; then 1, 4 and 8 
 on each backend.
 
 llama.cpp rows use the embedded default's chat model (Qwen2.5-Coder 0.5B GGUF). The transformers
-rows use a tiny random-weight Qwen-style model built for the run (tests/tiny_models.py): there is
-no real small transformers chat model installed, so only its ratios mean anything.
+rows use a tiny random-weight text-only Qwen3 model built for the run (tests/tiny_models.py):
+there is no real small transformers chat model installed, so only its ratios mean anything.
+llmux decodes it by continuous batching (full attention in every layer), even for one stream, so
+the in-process contender the ratios are taken against runs the same batching manager; plain
+`model.generate` is shown beside it.
+
+Each concurrency section ends with Open WebUI's side request: a short title request sent while a
+long stream runs on the same model, timed against the same request alone.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,9 +30,15 @@ from bench.servers import KEY, start_llama_server
 from bench.stats import Section, difference, interleave, median, percentile, ratio
 from bench.tiny import PROMPT as TINY_PROMPT
 
+BATCHED = "in-process, batched"
+# llmux's batch size for a transformers model that batches and sets none (runners.transformers_llm;
+# not imported: the bench process imports no model library).
+DEFAULT_MAX_BATCH_SIZE = 8
+SIDE_PROMPT = "Generate a concise, 3-5 word title for this chat."
+SIDE_DELAY_S = 0.5
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 TINY_NOTE = (
-    "the transformers model is a tiny random-weight Qwen3.5-style model built for the run "
+    "the transformers model is a tiny random-weight text-only Qwen3 model built for the run "
     "(tests/tiny_models.py): its tokens cost almost nothing, so only the ratios mean anything, "
     "and they show llmux's per-token and per-request overhead at its most visible"
 )
@@ -82,7 +96,7 @@ def gateway_section(
                 "errors": len(runs) - len(good),
             }
         )
-        slug = name.replace(".", "_").replace("-", "_").replace(" ", "_")
+        slug = name.replace(".", "_").replace("-", "_").replace(",", "").replace(" ", "_")
         if name != baseline:
             section.figures[f"{slug}_tok_s_ratio"] = ratio(rate, base_rate)
             section.figures[f"{slug}_added_ttft_ms"] = None if added is None else added * 1000
@@ -156,28 +170,34 @@ def gateway_transformers(bench: Bench) -> Section:
         "temperature": 0,
     }
     bench.admin("POST", f"/models/{TINY_LLM}/load")
+    context = json.loads((bench.tiny_model / "config.json").read_text())["max_position_embeddings"]
     local = Isolated(TransformersInProcess, bench.tiny_model)
     local.call("set_prompt", messages, {"enable_thinking": False})
     try:
         with httpx.Client() as client:
             results = run_rounds(
                 {
-                    "in-process": lambda: local.call("stream", opts.tokens),
+                    BATCHED: lambda: local.call(
+                        "stream_batched", opts.tokens, DEFAULT_MAX_BATCH_SIZE, context
+                    ),
+                    "in-process, generate": lambda: local.call("stream", opts.tokens),
                     "llmux": lambda: stream_chat(client, bench.llmux.base, KEY, body),
                 },
                 opts.rounds,
             )
+        local.call("close")
     finally:
         local.close()
     section = gateway_section(
         "gateway_transformers",
         f"gateway overhead, transformers: tiny random model, {opts.tokens} tokens streamed",
         results,
-        "in-process",
+        BATCHED,
     )
     section.notes.append(
-        "in-process: model.generate on a thread, greedy, timed by a streamer, in a process "
-        "of its own"
+        f"{BATCHED}: transformers' continuous-batching manager with llmux's settings (what "
+        "llmux runs for this model), one request; in-process, generate: model.generate on a "
+        "thread; both greedy, in a process of their own"
     )
     section.notes.append(TINY_NOTE)
     return section
@@ -232,6 +252,58 @@ def concurrency(bench: Bench, backend: str) -> Section:
         "aggregate tok/s: the tokens of all streams over the wall time from the first sent to "
         "the last finished; TTFT percentiles over every stream of every round"
     )
+    side_request(bench, section, model, body, long_tokens=8 * tokens)
     if backend != "llamacpp":
         section.notes.append(TINY_NOTE)
     return section
+
+
+def side_request(
+    bench: Bench, section: Section, model: str, body: dict[str, Any], long_tokens: int
+) -> None:
+    """Open WebUI's title request (short, no tools) sent while a long stream runs on the same
+    model, against the same request alone: how long it took, and whether it was answered before
+    the stream ended (a model that serves one sequence at a time answers it only after)."""
+    title = {
+        "model": model,
+        "messages": [{"role": "user", "content": SIDE_PROMPT}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    long_body = {**body, "max_tokens": long_tokens}
+    alone: list[float] = []
+    during: list[float] = []
+    answered_during: list[float] = []
+    with httpx.Client() as client:
+        for _ in range(max(1, min(bench.options.rounds, 3))):
+            alone.append(stream_chat(client, bench.llmux.base, KEY, title).finish_s or 0.0)
+            stream: list[StreamResult] = []
+            runner = threading.Thread(
+                target=_stream_into, args=(stream, bench.llmux.base, long_body)
+            )
+            runner.start()
+            time.sleep(SIDE_DELAY_S)  # the stream is past its first token
+            side = stream_chat(client, bench.llmux.base, KEY, title)
+            side_done = time.perf_counter()
+            runner.join()
+            main = stream[0]
+            main_done = main.started_at + (main.finish_s or 0.0)
+            during.append(side.finish_s or 0.0)
+            answered_during.append(1.0 if side.error is None and side_done < main_done else 0.0)
+    alone_ms, during_ms = (1000 * (median(times) or 0.0) for times in (alone, during))
+    section.rows.append({"streams": "title alone", "TTFT p50 ms": alone_ms, "errors": 0})
+    section.rows.append({"streams": "title during a stream", "TTFT p50 ms": during_ms, "errors": 0})
+    section.figures["side_request_alone_ms"] = alone_ms
+    section.figures["side_request_during_ms"] = during_ms
+    section.figures["side_answered_during"] = min(answered_during)
+    section.notes.append(
+        f"title rows: a short request ({SIDE_PROMPT!r}, 8 tokens) alone, and sent "
+        f"{SIDE_DELAY_S:.1f} s into a {long_tokens}-token stream on the same model; their "
+        "'TTFT p50 ms' is the whole answer's time; answered before the stream ended in "
+        f"{sum(answered_during):.0f} of {len(answered_during)} round(s)"
+    )
+
+
+def _stream_into(out: list[StreamResult], base: str, body: dict[str, Any]) -> None:
+    with httpx.Client() as client:
+        out.append(stream_chat(client, base, KEY, body))

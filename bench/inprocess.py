@@ -159,8 +159,9 @@ class LlamaInProcess:
 
 
 class TransformersInProcess:
-    """A transformers chat model and its tokenizer; `model.generate` greedy, timed per token by
-    a streamer that only notes the time."""
+    """A transformers chat model and its tokenizer, greedy: `model.generate` timed per token by a
+    streamer, or transformers' continuous-batching manager; each token decoded to text as it
+    comes, as a streaming caller would."""
 
     def __init__(self, path: Path) -> None:
         import torch
@@ -180,6 +181,7 @@ class TransformersInProcess:
             eos_token_id=self.stop_ids, pad_token_id=self.stop_ids[0]
         )
         self.inputs: Any = None
+        self.manager: Any = None
 
     def set_prompt(self, messages: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> int:
         text = self.tokenizer.apply_chat_template(
@@ -199,6 +201,7 @@ class TransformersInProcess:
             prompt_tokens=int(inputs["input_ids"].shape[1]), started_at=time.perf_counter()
         )
         stop_ids = self.stop_ids
+        decode = self.tokenizer.decode
 
         class Clock(BaseStreamer):
             """generate calls `put` with the prompt first, then with each new token."""
@@ -210,8 +213,10 @@ class TransformersInProcess:
                 if not self.prompt_seen:
                     self.prompt_seen = True
                     return
-                if int(value.reshape(-1)[-1]) in stop_ids:
+                token = int(value.reshape(-1)[-1])
+                if token in stop_ids:
                     return
+                decode([token])  # as a streaming caller turns each token into text
                 result.tokens += 1
                 if result.ttft_s is None:
                     result.ttft_s = time.perf_counter() - result.started_at
@@ -235,6 +240,50 @@ class TransformersInProcess:
         worker.join()
         result.finish_s = time.perf_counter() - result.started_at
         return result
+
+    def stream_batched(self, max_tokens: int, batch_size: int, context: int) -> StreamResult:
+        """The same prompt through transformers' continuous-batching manager, configured as
+        llmux configures it for a model that batches (pages of 64 tokens, a cache of two
+        contexts, at most 1024 prompt tokens a step, pages shared between prompts)."""
+        if self.manager is None:
+            from transformers import GenerationConfig
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            config = ContinuousBatchingConfig(
+                page_size=64,
+                num_blocks=-(-2 * context // 64),
+                max_batch_tokens=1024,
+                max_requests_per_batch=batch_size,
+                allow_block_sharing=True,
+                auto_switch_to_flash=False,
+                use_async_batching=False,
+                use_cuda_graph=False,
+            )
+            self.manager = self.model.init_continuous_batching(
+                generation_config=GenerationConfig(do_sample=False, eos_token_id=self.stop_ids),
+                continuous_batching_config=config,
+            )
+            self.manager.start()
+        ids = self.inputs["input_ids"][0].tolist()
+        result = StreamResult(prompt_tokens=len(ids), started_at=time.perf_counter())
+        request = self.manager.add_request(
+            ids, max_new_tokens=max_tokens, streaming=True, eos_token_id=self.stop_ids
+        )
+        for output in self.manager.request_id_iter(request):
+            produced = [t for t in output.generated_tokens if t not in self.stop_ids]
+            for token in produced[result.tokens :]:
+                self.tokenizer.decode([token])  # as a streaming caller turns it into text
+            if produced and result.ttft_s is None:
+                result.ttft_s = time.perf_counter() - result.started_at
+            result.tokens = len(produced)
+            if output.is_finished():
+                break
+        result.finish_s = time.perf_counter() - result.started_at
+        return result
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.stop(block=True)
 
 
 class WhisperInProcess:

@@ -66,7 +66,18 @@ def test_the_issue_targets_are_all_there() -> None:
     assert ("llmux_models_rps", ">=", 1500.0) in limits
     assert ("second_over_first_ttft", "<=", 0.3) in limits
     assert ("aggregate_8_over_1", ">=", 3.0) in limits
+    assert ("side_answered_during", ">=", 1.0) in limits
+    assert ("transformers_second_over_first_ttft", "<=", 0.3) in limits
     assert {t.section for t in TARGETS} <= {*SECTIONS, "startup"}
+
+
+def test_the_batched_contender_uses_llmux_batch_size() -> None:
+    """The in-process batching contender is configured with llmux's default batch size, which
+    the bench process cannot import (it imports no model library)."""
+    from bench import gateway
+    from runners.transformers_llm import DEFAULT_MAX_BATCH_SIZE
+
+    assert gateway.DEFAULT_MAX_BATCH_SIZE == DEFAULT_MAX_BATCH_SIZE
 
 
 def test_targets_pass_fail_or_unmeasured() -> None:
@@ -270,4 +281,11 @@ def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
         assert section["rows"] and numbers_in(section), key
     assert len(report["targets"]) == len(TARGETS)
     assert all(t["status"] in ("PASS", "FAIL", "UNMEASURED") for t in report["targets"])
+    for backend in ("llamacpp", "transformers"):
+        figures = sections[f"concurrency_{backend}"]["figures"]
+        assert figures["side_request_alone_ms"] > 0, backend
+        assert figures["side_answered_during"] in (0.0, 1.0), backend
+    assert sections["openwebui"]["figures"]["transformers_second_over_first_ttft"] is not None
+    gateway_rows = {row["path"] for row in sections["gateway_transformers"]["rows"]}
+    assert gateway_rows == {"in-process, batched", "in-process, generate", "llmux"}
     assert "targets (issue #16" in run.stdout and "machine:" in run.stdout
