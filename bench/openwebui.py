@@ -6,19 +6,19 @@ twice: right after the first answer, and after such a title request, as Open Web
 them. The second one is the pattern the target is about: it is fast only if the tools' prefix
 survives another request in between.
 
-Measured on the main llama.cpp model. `chat_pattern` takes any model; the tiny transformers model
-of the transformers rows cannot take part: its context (512 positions) is shorter than one Open
-WebUI tool (750 tokens in its tokenizer).
+Measured on the main llama.cpp model, and on the tiny transformers model of the transformers rows
+when the run has it (its context widened to take the tools).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from bench.clients import StreamResult, stream_chat
-from bench.context import MAIN_LLM, Bench
+from bench.context import MAIN_LLM, TINY_LLM, Bench
 from bench.openwebui_tools import openwebui_tools
 from bench.servers import KEY
 from bench.stats import Section, median, ratio
@@ -51,7 +51,7 @@ def title_request(model: str, first: str, answer: str) -> dict[str, Any]:
 
 
 def chat_pattern(
-    bench: Bench, model: str, tools: list[dict[str, Any]]
+    bench: Bench, model: str, tools: list[dict[str, Any]], answer_tokens: int = ANSWER_TOKENS
 ) -> dict[str, list[StreamResult]]:
     """Open WebUI's two messages in one chat on `model`, with the title request in between."""
     first_messages = [{"role": "user", "content": FIRST}]
@@ -61,7 +61,7 @@ def chat_pattern(
             "model": model,
             "messages": messages,
             "tools": tools,
-            "max_tokens": ANSWER_TOKENS,
+            "max_tokens": answer_tokens,
             "temperature": 0,
         }
 
@@ -94,13 +94,18 @@ def chat_pattern(
     return runs
 
 
-def add_rows(section: Section, model: str, runs: dict[str, list[StreamResult]]) -> float | None:
+def add_rows(
+    section: Section,
+    model: str,
+    runs: dict[str, list[StreamResult]],
+    first_token: Callable[[StreamResult], float | None] = lambda r: r.ttft_s,
+) -> float | None:
     """The model's three rows; returns the second-after-title TTFT over the first's."""
-    first_ttft = median(r.ttft_s for r in runs["first"] if r.error is None)
-    after_title = median(r.ttft_s for r in runs["second after title"] if r.error is None)
+    first_ttft = median(first_token(r) for r in runs["first"] if r.error is None)
+    after_title = median(first_token(r) for r in runs["second after title"] if r.error is None)
     for name, results in runs.items():
         good = [r for r in results if r.error is None]
-        ttft = median(r.ttft_s for r in good)
+        ttft = median(first_token(r) for r in good)
         section.rows.append(
             {
                 "message": name,
@@ -127,6 +132,25 @@ def openwebui(bench: Bench) -> Section:
     )
     runs = chat_pattern(bench, MAIN_LLM, tools)
     section.figures["second_over_first_ttft"] = add_rows(section, MAIN_LLM, runs)
+    if bench.tiny_model is not None:
+        # One token each: a random model's first tokens are often no visible text, so the
+        # whole one-token answer (its finish) stands for the first token.
+        # All of Open WebUI's tools, whatever --tools says: the tiny model prefills them in
+        # seconds, where the GGUF takes minutes on a CPU.
+        tiny_runs = chat_pattern(bench, TINY_LLM, openwebui_tools(36), answer_tokens=1)
+        start = len(section.rows)
+        section.figures["transformers_second_over_first_ttft"] = add_rows(
+            section, TINY_LLM, tiny_runs, first_token=lambda r: r.finish_s
+        )
+        for row in section.rows[start:]:
+            row["message"] = f"{row['message']} ({TINY_LLM})"
+        section.notes.append(
+            f"{TINY_LLM}: the tiny random-weight transformers model of the transformers rows "
+            "(context widened for the tools), with all 36 tools, one request at a time through "
+            "continuous "
+            "batching; each answer is one token, timed to its finish (a random model's first "
+            "tokens are often no visible text); only its ratios mean anything"
+        )
     first_ttft = median(r.ttft_s for r in runs["first"] if r.error is None)
     direct = median(r.ttft_s for r in runs["second"] if r.error is None)
     section.figures["second_direct_over_first_ttft"] = ratio(direct, first_ttft)

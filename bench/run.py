@@ -92,7 +92,7 @@ def run(options: Options, only: list[str], started: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="llmux-bench-") as tmp:
         work = Path(tmp)
         tiny: Path | None = None
-        if any(key.endswith("transformers") or key == "warm_tier" for key in only):
+        if any(key.endswith("transformers") or key in ("warm_tier", "openwebui") for key in only):
             say("building the tiny transformers model", started)
             tiny = run_isolated(build_tiny_chat_model, work / "tiny-transformers")
         config = write_llmux_config(work, tiny)

@@ -154,6 +154,7 @@ def write_llmux_config(work: Path, tiny_transformers: Path | None) -> Path:
             "path": str(tiny_transformers),
             "estimated_vram_gb": 0.1,
             "parser": "qwen3.5",
+            "supports_tools": True,
         }
         registry["virtual_models"]["Tiny-Transformers"] = {
             "physical": "tiny-transformers",

@@ -10,10 +10,12 @@ its rows give mean anything.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 SEEDS = range(7, 47)
+CONTEXT = 32768
 PROMPT = "Hello world! What colour is this image?"
 
 
@@ -24,6 +26,12 @@ def build_tiny_chat_model(out: Path) -> Path:
     from tests.tiny_models import build_tiny_qwen3
 
     build_tiny_qwen3(out)
+    # Room for Open WebUI's 36 tools (bench/openwebui.py: ~20k tokens in this tokenizer); rotary
+    # positions need no weights, so only the config changes.
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config["max_position_embeddings"] = CONTEXT
+    config_file.write_text(json.dumps(config, indent=2))
     tokenizer = AutoTokenizer.from_pretrained(out)
     model: Any = AutoModelForCausalLM.from_pretrained(out)
     text = tokenizer.apply_chat_template(
