@@ -27,10 +27,12 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import queue
 import random
 import threading
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -80,6 +82,8 @@ class LlamaCppChatRunner:
         self._prompts: PromptStates | None = None
         self._checked: dict[int, tuple[weakref.ref[GenerationRequest], list[int]]] = {}
         self._checked_lock = threading.Lock()
+        # Every generation computes on this one thread (see `generate`).
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{physical_id}")
 
     # --- Runner -------------------------------------------------------------------------------
 
@@ -207,9 +211,43 @@ class LlamaCppChatRunner:
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:
+        """Runs on the caller's thread; the generation itself computes on the runner's one
+        compute thread, and its chunks are handed over. llama.cpp's CPU threads are an OpenMP
+        team per calling thread: called from whichever worker thread a request lands on (the
+        model's pool has several), the teams of earlier callers kept spinning on the cores the
+        current one needed, and the first token took 45-100 ms instead of 34 here."""
         if request.images:
-            yield from self._generate_with_images(request, cancel)
-            return
+            produce = lambda: self._generate_with_images(request, cancel)  # noqa: E731
+        else:
+            produce = lambda: self._generate_text(request, cancel)  # noqa: E731
+        chunks: queue.SimpleQueue[GenerationChunk | BaseException | None] = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                for chunk in produce():
+                    chunks.put(chunk)
+            except BaseException as exc:  # handed to the caller, which raises it
+                chunks.put(exc)
+            else:
+                chunks.put(None)
+
+        computing = self._compute.submit(run)
+        ended = False
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                yield item
+            ended = True
+        finally:
+            if not ended:
+                cancel.set()  # the reader is gone: stop computing
+            computing.result()  # the model stays in use until the compute thread lets go
+
+    def _generate_text(
+        self, request: GenerationRequest, cancel: threading.Event
+    ) -> Iterator[GenerationChunk]:
         llm, _ = self._require()
         prompts = self._prompts
         assert prompts is not None  # set with _llm

@@ -289,3 +289,62 @@ def test_after_an_image_request_the_context_s_token_record_is_not_trusted() -> N
     )
     list(runner.generate(request, threading.Event()))
     assert states.start(list(range(12))) == 0 and context.tokens == []
+
+
+@slow
+@needs_qwen
+def test_generations_compute_on_one_thread_whoever_asks() -> None:
+    """llama.cpp's CPU threads are an OpenMP team per calling thread: generations called from
+    the model's several worker threads left each earlier caller's team spinning on the cores."""
+    runner = LlamaCppChatRunner("qwen", spec(), QWEN.parent, device="cpu")
+    runner.load()
+    llm = runner._llm
+    assert llm is not None
+    computed_on: set[int] = set()
+    original = llm.eval
+
+    def recording(tokens: Any) -> None:
+        computed_on.add(threading.get_ident())
+        original(tokens)
+
+    llm.eval = recording  # type: ignore[method-assign]
+    callers: set[int] = set()
+    texts: list[str] = []
+    one_at_a_time = threading.Lock()  # as the chat session serialises a model's generations
+    all_asked = threading.Barrier(3)  # the callers live on to the end: three distinct threads
+
+    def ask(question: str) -> None:
+        callers.add(threading.get_ident())
+        with one_at_a_time:
+            texts.append(answer(runner, greedy([{"role": "user", "content": question}], 3))[0])
+        all_asked.wait(timeout=120)
+
+    try:
+        asking = [
+            threading.Thread(target=ask, args=(question,))
+            for question in ("Say hi.", "Say bye.", "Count to three.")
+        ]
+        for caller in asking:
+            caller.start()
+        for caller in asking:
+            caller.join()
+        assert len(callers) == 3 and len(texts) == 3 and all(texts)
+        assert len(computed_on) == 1 and not computed_on & callers
+    finally:
+        runner.unload()
+
+
+@slow
+@needs_qwen
+def test_a_reader_that_stops_early_stops_the_computation() -> None:
+    runner = LlamaCppChatRunner("qwen", spec(), QWEN.parent, device="cpu")
+    runner.load()
+    try:
+        cancel = threading.Event()
+        stream = runner.generate(greedy(FIRST, max_tokens=200), cancel)
+        next(stream)
+        stream.close()  # returns only once the compute thread has let go of the model
+        assert cancel.is_set()
+        assert runner._compute.submit(lambda: None).result(timeout=5) is None  # thread free
+    finally:
+        runner.unload()
