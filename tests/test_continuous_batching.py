@@ -351,9 +351,11 @@ async def test_a_waiter_cancelled_in_the_queue_does_not_block_those_behind_it() 
             held.set()
             await release.wait()
 
+    alone: list[asyncio.Task[None] | None] = []
+
     async def hold_alone() -> None:
         async with gate.alone():
-            pass
+            alone.append(asyncio.current_task())
 
     first = asyncio.create_task(hold_shared())
     await held.wait()
@@ -365,6 +367,7 @@ async def test_a_waiter_cancelled_in_the_queue_does_not_block_those_behind_it() 
     await asyncio.wait_for(behind, 5)
     await first
     assert waiting_alone.cancelled() and gate.holders == 0
+    assert alone == [behind]  # the one behind held the gate alone; the cancelled one never did
 
 
 # --- the chat service ------------------------------------------------------------------------

@@ -40,16 +40,18 @@ def spec(**fields: Any) -> PhysicalModel:
 
 
 class RecordingLlama:
-    """Stands in for llama_cpp.Llama at load: keeps the keyword arguments it was built with."""
+    """Stands in for llama_cpp.Llama at load: keeps the keyword arguments it was built with,
+    and how many of those built were closed again."""
 
     built: ClassVar[list[dict[str, Any]]] = []
+    closed: ClassVar[int] = 0
 
     def __init__(self, **kwargs: Any) -> None:
         RecordingLlama.built.append(kwargs)
         self.metadata = {"tokenizer.chat_template": "{{ messages }}"}
 
     def close(self) -> None:
-        pass
+        RecordingLlama.closed += 1
 
 
 class NoContext:
@@ -65,14 +67,18 @@ def recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     monkeypatch.setattr("runners.llamacpp.LlamaContext", NoContext)
     (tmp_path / QWEN.name).write_bytes(b"GGUF" + bytes(60))
     RecordingLlama.built.clear()
+    RecordingLlama.closed = 0
     yield tmp_path
 
 
 def test_threads_default_to_the_physical_cores_for_prompts_and_generation(recorded: Path) -> None:
-    LlamaCppChatRunner("m", spec(), recorded).load()
+    runner = LlamaCppChatRunner("m", spec(), recorded)
+    runner.load()
     built = RecordingLlama.built[-1]
     assert built["n_threads"] == built["n_threads_batch"] == physical_cores()
     assert "n_batch" not in built and "flash_attn" not in built  # llama-cpp-python's defaults
+    runner.unload()
+    assert RecordingLlama.closed == 1
 
 
 def test_models_yaml_sets_threads_batch_and_flash_attention(recorded: Path) -> None:
