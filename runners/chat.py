@@ -9,9 +9,10 @@ identical for every backend; a runner only renders its prompt and generates.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from runners.base import Runner
 
@@ -39,6 +40,37 @@ class GenerationRequest:
     # Decode special tokens into the text (the harmony parser reads gpt-oss's channel markers);
     # decided with the parser family when the request is prepared.
     keep_special_tokens: bool = False
+
+
+T = TypeVar("T")
+
+
+class CheckedPrompts(Generic[T]):
+    """What `check` made of a request's prompt (its tokens, its encoded tensors), kept for the
+    `generate` of that very request object, so a long prompt is rendered and tokenized once.
+    Bounded (oldest out first) for requests checked and never generated; thread-safe, as check
+    and generate run on different threads."""
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._prompts: dict[int, tuple[weakref.ref[GenerationRequest], T]] = {}
+        self._lock = threading.Lock()
+
+    def keep(self, request: GenerationRequest, prompt: T) -> None:
+        with self._lock:
+            self._prompts[id(request)] = (weakref.ref(request), prompt)
+            while len(self._prompts) > self._kept:
+                del self._prompts[next(iter(self._prompts))]
+
+    def take(self, request: GenerationRequest) -> T | None:
+        """The prompt `check` kept for this request object (once), or None."""
+        with self._lock:
+            kept = self._prompts.pop(id(request), None)
+        return kept[1] if kept is not None and kept[0]() is request else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._prompts.clear()
 
 
 @dataclass(frozen=True)

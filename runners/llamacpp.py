@@ -30,7 +30,6 @@ import logging
 import queue
 import random
 import threading
-import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -47,7 +46,7 @@ from runners.base import (
     require_backend,
     require_gguf,
 )
-from runners.chat import GenerationChunk, GenerationRequest
+from runners.chat import CheckedPrompts, GenerationChunk, GenerationRequest
 from runners.cpus import physical_cores
 from runners.prompt_states import DEFAULT_BUDGET_MB, LlamaContext, PromptStates, common_prefix
 from runners.templates import compile_template, read_template, render
@@ -80,8 +79,7 @@ class LlamaCppChatRunner:
         self._template: jinja2.Template | None = None
         self._vision: Any = None
         self._prompts: PromptStates | None = None
-        self._checked: dict[int, tuple[weakref.ref[GenerationRequest], list[int]]] = {}
-        self._checked_lock = threading.Lock()
+        self._checked: CheckedPrompts[list[int]] = CheckedPrompts(CHECKED_KEPT)
         # Every generation computes on this one thread (see `generate`).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{physical_id}")
 
@@ -154,8 +152,7 @@ class LlamaCppChatRunner:
         prompts, self._prompts = self._prompts, None
         if prompts is not None:
             prompts.clear()
-        with self._checked_lock:
-            self._checked.clear()
+        self._checked.clear()
         if llm is not None:
             llm.close()
 
@@ -202,10 +199,7 @@ class LlamaCppChatRunner:
             completion_budget(
                 self.physical_id, self.context_length, len(prompt), request.max_tokens
             )
-            with self._checked_lock:
-                self._checked[id(request)] = (weakref.ref(request), prompt)
-                while len(self._checked) > CHECKED_KEPT:
-                    del self._checked[next(iter(self._checked))]
+            self._checked.keep(request, prompt)
         self._grammar(request.json_schema)
 
     def generate(
@@ -251,9 +245,7 @@ class LlamaCppChatRunner:
         llm, _ = self._require()
         prompts = self._prompts
         assert prompts is not None  # set with _llm
-        with self._checked_lock:
-            checked = self._checked.pop(id(request), None)
-        prompt = checked[1] if checked and checked[0]() is request else self._tokenize(request)
+        prompt = self._checked.take(request) or self._tokenize(request)
         budget = completion_budget(
             self.physical_id, self.context_length, len(prompt), request.max_tokens
         )

@@ -39,7 +39,6 @@ import io
 import logging
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ from runners.base import (
     unpark_torch_modules,
 )
 from runners.batching import BatchingFailed, ContinuousBatcher
-from runners.chat import GenerationChunk, GenerationRequest
+from runners.chat import CheckedPrompts, GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
 from runners.mxfp4 import is_mxfp4_checkpoint, mxfp4_blockers, probe_mxfp4_environment
 from runners.prefix_snapshots import PrefixSnapshots
@@ -139,8 +138,7 @@ class TransformersChatRunner:
         self._loaded: _Loaded | None = None
         self._batcher: ContinuousBatcher | None = None
         # id(request) -> (the request, its encoded prompt): `check` encodes, `generate` reuses.
-        self._encoded: dict[int, tuple[weakref.ref[GenerationRequest], Any]] = {}
-        self._encoded_lock = threading.Lock()
+        self._encoded: CheckedPrompts[Any] = CheckedPrompts(ENCODED_KEPT)
         self._snapshots: PrefixSnapshots | None = None
 
     # --- Runner -------------------------------------------------------------------------------
@@ -340,7 +338,7 @@ class TransformersChatRunner:
     def check(self, request: GenerationRequest) -> None:
         loaded = self._require()
         inputs = self._encode(loaded, self.render_prompt(request), request.images)
-        self._keep_encoded(request, inputs)
+        self._encoded.keep(request, inputs)
         completion_budget(
             self.physical_id,
             self.context_length,
@@ -362,7 +360,7 @@ class TransformersChatRunner:
         Raises `BadRequest` for a prompt that does not fit the context, unreadable images or an
         unusable JSON schema, before anything is generated."""
         loaded = self._require()
-        inputs = self._take_encoded(request)
+        inputs = self._encoded.take(request)
         if inputs is None:
             inputs = self._encode(loaded, self.render_prompt(request), request.images)
         prompt_tokens = int(inputs["input_ids"].shape[1])
@@ -499,22 +497,7 @@ class TransformersChatRunner:
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.close()
-        with self._encoded_lock:
-            self._encoded.clear()
-
-    def _keep_encoded(self, request: GenerationRequest, inputs: Any) -> None:
-        with self._encoded_lock:
-            if len(self._encoded) >= ENCODED_KEPT:
-                self._encoded.pop(next(iter(self._encoded)))
-            self._encoded[id(request)] = (weakref.ref(request), inputs)
-
-    def _take_encoded(self, request: GenerationRequest) -> Any:
-        """The prompt `check` encoded for this very request object, or None."""
-        with self._encoded_lock:
-            kept = self._encoded.pop(id(request), None)
-        if kept is None or kept[0]() is not request:
-            return None
-        return kept[1]
+        self._encoded.clear()
 
     def _read_config(self, transformers: Any) -> PretrainedConfig:
         try:

@@ -175,3 +175,20 @@ def test_clear_frees_every_state() -> None:
     assert states.nbytes > 0
     states.clear()
     assert states.nbytes == 0 and len(states) == 0
+
+
+def test_checked_prompts_serve_only_the_same_request_once_and_stay_bounded() -> None:
+    from runners.chat import CheckedPrompts, GenerationRequest
+
+    kept: CheckedPrompts[list[int]] = CheckedPrompts(2)
+    first, twin = (GenerationRequest(messages=[{"role": "user", "content": "hi"}]) for _ in "ab")
+    kept.keep(first, [1, 2])
+    assert kept.take(twin) is None  # an equal request is not the one checked
+    assert kept.take(first) == [1, 2] and kept.take(first) is None  # once
+    requests = [GenerationRequest(messages=[]) for _ in range(3)]
+    for index, request in enumerate(requests):
+        kept.keep(request, [index])
+    assert kept.take(requests[0]) is None  # the oldest went
+    assert kept.take(requests[2]) == [2]
+    kept.clear()
+    assert kept.take(requests[1]) is None
