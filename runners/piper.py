@@ -76,8 +76,13 @@ class PiperRunner:
             raise ValueError("a Piper voice cannot clone a reference clip")
         from piper import SynthesisConfig
 
-        natural = self._voice.config.length_scale or 1.0
-        config = SynthesisConfig(length_scale=natural / speed)
+        trained = self._voice.config
+        variation = 1.0 if self.spec.voice_variation is None else self.spec.voice_variation
+        config = SynthesisConfig(
+            length_scale=(trained.length_scale or 1.0) / speed,
+            noise_scale=trained.noise_scale * variation,
+            noise_w_scale=trained.noise_w_scale * variation,
+        )
         with self._espeak_lock:
             pieces = [chunk.audio_float_array for chunk in self._voice.synthesize(text, config)]
         if not pieces:

@@ -146,6 +146,28 @@ def test_piper_speed_scales_duration(piper_sdk: openai.OpenAI) -> None:
     assert fast < slow / 2
 
 
+@pytest.mark.parametrize("variation,identical", [(None, False), (0.0, True)])
+def test_piper_voice_variation_zero_says_a_text_the_same_way_every_time(
+    variation: float | None, identical: bool
+) -> None:
+    """A voice speaks as trained (with random variation) unless `voice_variation` turns it off,
+    which is what a round trip through ASR needs to be reproducible."""
+    from runners.piper import PiperRunner
+
+    spec = PhysicalModel(
+        type="tts",
+        backend="piper",
+        model_file="en_US-joe-medium.onnx",
+        estimated_vram_gb=0.1,
+        voice_variation=variation,
+    )
+    runner = PiperRunner("piper-joe", spec, PIPER_DIR)
+    runner.load()
+    takes = [runner.speak(SENTENCE, voice=None, language="en", speed=1.0) for _ in range(3)]
+    same = all(np.array_equal(takes[0], take) for take in takes[1:])
+    assert same is identical
+
+
 def test_long_input_is_spoken_piece_by_piece_and_joined(piper_sdk: openai.OpenAI) -> None:
     sentence = "The quick brown fox jumps over the lazy dog. "
     one = seconds(*speak(piper_sdk, model="piper-joe", input=sentence))

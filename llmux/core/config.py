@@ -91,6 +91,14 @@ class PhysicalModel(StrictModel):
         None, description="asr/tts: language used when a request names none (e.g. en)."
     )
     variant: str | None = Field(None, description="chatterbox: original, turbo or multilingual.")
+    voice_variation: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="piper: how much of the voice's trained randomness (its noise_scale and "
+        "noise_w) to keep: 1 (default) speaks as trained, 0 says the same text identically "
+        "every time.",
+    )
     parser: ParserName | None = Field(
         None, description="llm: output parser family (plain, qwen3.5, qwen3, qwen2.5, harmony)."
     )
