@@ -18,6 +18,7 @@ from llmux import logs
 from llmux.app import build_state, create_app
 from llmux.core.config import ConfigError
 from llmux.first_run import ensure_local_key
+from llmux.middleware import FrontDoor
 from llmux.settings import Settings
 from llmux_policy.metrics import WorkerResidencyMetrics
 
@@ -50,3 +51,8 @@ except (ConfigError, ValueError) as exc:
 )
 class LLMux:
     """All work happens in the mounted app; the class exists for BentoML."""
+
+
+# Health checks and clients poll GET /health and GET /v1/models; answer them before BentoML's
+# request context and routing, which cost more than the answers.
+LLMux.add_asgi_middleware(FrontDoor, **app.state.front_door)  # type: ignore[attr-defined]

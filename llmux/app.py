@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -168,23 +169,29 @@ def create_app(settings: Settings, state: AppState | None = None) -> FastAPI:
 
     # Added innermost first: CORS answers preflights before auth; the request id wraps everything.
     open_paths = speech.DISCOVERY_PATHS if settings.open_audio_discovery else frozenset()
-    app.add_middleware(
-        CheapRoutes,
-        routes={
-            "/health": lambda: _json(health.health_body(state)),
-            "/v1/models": lambda: state.model_list_json,
-        },
-    )
+    polled: dict[str, Callable[[], bytes]] = {
+        "/health": lambda: _json(health.health_body(state)),
+        "/v1/models": lambda: state.model_list_json,
+    }
+    app.add_middleware(CheapRoutes, routes=polled)
     app.add_middleware(ApiKeyMiddleware, keys=state.keys, open_paths=open_paths)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=list(settings.cors_origins),
-        allow_methods=["*"],
-        allow_headers=["*"],
-        expose_headers=["X-Request-ID"],
-    )
+    cors: dict[str, Any] = {
+        "allow_origins": list(settings.cors_origins),
+        "allow_methods": ["*"],
+        "allow_headers": ["*"],
+        "expose_headers": ["X-Request-ID"],
+    }
+    app.add_middleware(CORSMiddleware, **cors)
     app.add_middleware(RequestContextMiddleware)
+    # The same answers for FrontDoor, outside BentoML's routing (service.py installs it).
+    keyed = ApiKeyMiddleware(
+        CheapRoutes(app, routes=polled), keys=state.keys, open_paths=open_paths
+    )
+    app.state.front_door = {
+        "polled": RequestContextMiddleware(CORSMiddleware(keyed, **cors)),
+        "paths": frozenset(polled),
+    }
     return app
 
 

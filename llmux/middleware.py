@@ -221,3 +221,39 @@ class CheapRoutes:
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+class FrontDoor:
+    """Outside the mounted app, in BentoML's own middleware stack: a plain GET of a polled path
+    (no Origin, no body) goes straight to `polled`, llmux's own middleware around `CheapRoutes`
+    without the body cap, skipping BentoML's request context and routing and Starlette's
+    exception layers, none of which such a request needs. The answer is the one the mounted app
+    gives (the same middleware makes it); everything else passes on.
+    """
+
+    def __init__(self, app: ASGIApp, polled: ASGIApp, paths: frozenset[str]) -> None:
+        self.app = app
+        self.polled = polled
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"] in self.paths
+            and _plain(scope)
+        ):
+            await self.polled(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+_NOT_PLAIN = frozenset({b"origin", b"transfer-encoding"})
+
+
+def _plain(scope: Scope) -> bool:
+    """No Origin (no CORS answer to give) and no request body to cap."""
+    for key, value in scope.get("headers", []):
+        if key in _NOT_PLAIN or (key == b"content-length" and value != b"0"):
+            return False
+    return True

@@ -14,7 +14,9 @@ from typing import Any
 import fastapi.routing
 import pytest
 from starlette.testclient import TestClient
+from starlette.types import Receive, Scope, Send
 
+from llmux.middleware import FrontDoor
 from llmux.wire.models import ModelList, model_card
 from tests.conftest import TEST_KEY
 
@@ -94,16 +96,56 @@ def test_fastapi_makes_no_spans_even_with_a_tracer_provider(
     assert not app._native_telemetry.enabled()
 
 
-def test_bentoml_traces_no_url(tmp_path: Path) -> None:
-    """BentoML's OpenTelemetry middleware opens a span per request and per message sent (each
-    SSE chunk of a stream) unless the URL is excluded; no exporter reads them."""
-    probe = (
-        "import json, service\n"
-        "from opentelemetry.util.http import ExcludeList\n"
-        "urls = ExcludeList(service.LLMux.config['tracing']['excluded_urls'])\n"
-        "paths = ['/v1/chat/completions', '/v1/models', '/health', '/admin/models']\n"
-        "print(json.dumps([urls.url_disabled('http://127.0.0.1:8081' + p) for p in paths]))\n"
-    )
+class Behind:
+    """The app behind FrontDoor (the mounted app, in production): records what reaches it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.requests.append((scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
+
+
+def test_front_door_answers_polls_as_the_mounted_app_would_without_entering_it(app: Any) -> None:
+    behind = Behind(app)
+    front = FrontDoor(behind, **app.state.front_door)
+    polls = [
+        ("/v1/models", {**AUTH, "X-Request-ID": "poll-1"}),
+        ("/health", {"X-Request-ID": "poll-2"}),
+        ("/v1/models", {"X-Request-ID": "poll-3"}),  # no key: 401
+        ("/v1/models", {"Authorization": "Bearer sk-not-a-key-0123456789", "X-Request-ID": "p4"}),
+    ]
+    with (
+        TestClient(front, base_url="http://llmux.test") as fast,
+        TestClient(app, base_url="http://llmux.test") as full,
+    ):
+        for path, headers in polls:
+            short, long = fast.get(path, headers=headers), full.get(path, headers=headers)
+            assert short.status_code == long.status_code
+            assert short.content == long.content
+            assert sorted(short.headers.items()) == sorted(long.headers.items())
+        assert [fast.get(path, headers=h).status_code for path, h in polls] == [200, 200, 401, 401]
+        assert behind.requests == []
+        # What the short way would answer differently, or not at all, goes the long way.
+        fast.get("/v1/models", headers={**AUTH, "Origin": "http://webui.test"})
+        fast.request("GET", "/v1/models", headers=AUTH, content=b"{}")
+        fast.post("/v1/models", headers=AUTH)
+        fast.head("/health")
+        fast.get("/v1/models/Chatterbox", headers=AUTH)
+    assert behind.requests == [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models"),
+        ("POST", "/v1/models"),
+        ("HEAD", "/health"),
+        ("GET", "/v1/models/Chatterbox"),
+    ]
+
+
+def service_probe(tmp_path: Path, probe: str) -> Any:
+    """What `probe` (run with service.py imported, HOME elsewhere) prints last, as JSON."""
     env = {
         **os.environ,
         "HOME": str(tmp_path),
@@ -112,7 +154,7 @@ def test_bentoml_traces_no_url(tmp_path: Path) -> None:
         "LLMUX_CONFIG_DIR": str(ROOT / "config" / "local"),
     }
     out = subprocess.run(
-        [sys.executable, "-c", probe],
+        [sys.executable, "-c", "import json, service\n" + probe],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -120,4 +162,25 @@ def test_bentoml_traces_no_url(tmp_path: Path) -> None:
         timeout=120,
         check=True,
     )
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True, True, True]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_bentoml_traces_no_url(tmp_path: Path) -> None:
+    """BentoML's OpenTelemetry middleware opens a span per request and per message sent (each
+    SSE chunk of a stream) unless the URL is excluded; no exporter reads them."""
+    probe = (
+        "from opentelemetry.util.http import ExcludeList\n"
+        "urls = ExcludeList(service.LLMux.config['tracing']['excluded_urls'])\n"
+        "paths = ['/v1/chat/completions', '/v1/models', '/health', '/admin/models']\n"
+        "print(json.dumps([urls.url_disabled('http://127.0.0.1:8081' + p) for p in paths]))\n"
+    )
+    assert service_probe(tmp_path, probe) == [True, True, True, True]
+
+
+def test_the_service_puts_the_front_door_in_bentomls_stack(tmp_path: Path) -> None:
+    """BentoML builds its app from `LLMux.middlewares` (outside its routing and the mount)."""
+    probe = (
+        "doors = [o for cls, o in service.LLMux.middlewares if cls.__name__ == 'FrontDoor']\n"
+        "print(json.dumps([sorted(o['paths']) for o in doors]))\n"
+    )
+    assert service_probe(tmp_path, probe) == [["/health", "/v1/models"]]
