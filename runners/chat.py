@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -110,6 +111,21 @@ class ChatRunner(Runner, Protocol):
         can read token ids; None when this runner cannot build one (the parser then reads the
         text). Asked only for harmony-family models, on a worker thread (it may write a cache
         file); kept until `unload`."""
+
+
+@runtime_checkable
+class PushingChatRunner(ChatRunner, Protocol):
+    """A chat runner that computes on a thread of its own and can hand chunks over from there."""
+
+    def start(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        emit: Callable[[GenerationChunk], None],
+    ) -> Future[None]:
+        """`generate`'s chunks, each passed to `emit` on the runner's own thread as it is made.
+        The Future ends once the model is no longer in use, with the error `generate` would have
+        raised, if any; `cancel` is honoured as by `generate`."""
 
 
 @runtime_checkable

@@ -30,8 +30,8 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -202,30 +202,36 @@ class LlamaCppChatRunner:
             self._checked.keep(request, prompt)
         self._grammar(request.json_schema)
 
-    def generate(
-        self, request: GenerationRequest, cancel: threading.Event
-    ) -> Iterator[GenerationChunk]:
-        """Runs on the caller's thread; the generation itself computes on the runner's one
-        compute thread, and its chunks are handed over. llama.cpp's CPU threads are an OpenMP
-        team per calling thread: called from whichever worker thread a request lands on (the
-        model's pool has several), the teams of earlier callers kept spinning on the cores the
-        current one needed, and the first token took 45-100 ms instead of 34 here."""
+    def start(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        emit: Callable[[GenerationChunk], None],
+    ) -> Future[None]:
+        """Computes the generation on the runner's one compute thread, handing each chunk to
+        `emit` there; the Future ends (with the generation's error, if any) once the model is no
+        longer in use. llama.cpp's CPU threads are an OpenMP team per calling thread: called
+        from whichever worker thread a request landed on (the model's pool has several), the
+        teams of earlier callers kept spinning on the cores the current one needed, and the
+        first token took 45-100 ms instead of 34 here."""
         if request.images:
             produce = lambda: self._generate_with_images(request, cancel)  # noqa: E731
         else:
             produce = lambda: self._generate_text(request, cancel)  # noqa: E731
-        chunks: queue.SimpleQueue[GenerationChunk | BaseException | None] = queue.SimpleQueue()
 
         def run() -> None:
-            try:
-                for chunk in produce():
-                    chunks.put(chunk)
-            except BaseException as exc:  # handed to the caller, which raises it
-                chunks.put(exc)
-            else:
-                chunks.put(None)
+            for chunk in produce():
+                emit(chunk)
 
-        computing = self._compute.submit(run)
+        return self._compute.submit(run)
+
+    def generate(
+        self, request: GenerationRequest, cancel: threading.Event
+    ) -> Iterator[GenerationChunk]:
+        """`start`'s chunks, on the caller's thread."""
+        chunks: queue.SimpleQueue[GenerationChunk | BaseException | None] = queue.SimpleQueue()
+        computing = self.start(request, cancel, chunks.put)
+        computing.add_done_callback(lambda done: chunks.put(done.exception()))
         ended = False
         try:
             while (item := chunks.get()) is not None:
@@ -237,7 +243,7 @@ class LlamaCppChatRunner:
         finally:
             if not ended:
                 cancel.set()  # the reader is gone: stop computing
-            computing.result()  # the model stays in use until the compute thread lets go
+            wait([computing])  # the model stays in use until the compute thread lets go
 
     def _generate_text(
         self, request: GenerationRequest, cancel: threading.Event

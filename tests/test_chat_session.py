@@ -1,9 +1,11 @@
 """`ChatSession` driven directly with a scripted fake runner: no model, no HTTP.
 
-The runner emits exactly the chunks a test scripts (text, finish reason, usage), on the real worker
-thread bridge, behind the real `Residency`. What the session makes of them is the contract: stop
-sequences cut across chunk boundaries, forced tool calls, each finish reason, the usage chunk, and
-a client that goes away.
+The runner emits exactly the chunks a test scripts (text, finish reason, usage), on the real
+worker thread bridge, behind the real `Residency`: every test runs with a runner the session
+reads (`generate`, on one of the session's threads) and with one that pushes (`start`, handing
+chunks over from a thread of its own, as the llama.cpp runner does). What the session makes of
+them is the contract: stop sequences cut across chunk boundaries, forced tool calls, each finish
+reason, the usage chunk, and a client that goes away.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +69,7 @@ class ScriptedRunner:
     """Yields `script` (strings, then a final chunk) one piece at a time; records what it saw."""
 
     physical_id: str
-    script: list[str | GenerationChunk] = field(default_factory=list)
+    script: list[str | GenerationChunk | Exception] = field(default_factory=list)
     context_length: int = 4096
     requests: list[GenerationRequest] = field(default_factory=list)
     cancels: list[threading.Event] = field(default_factory=list)  # the event of each generate
@@ -74,6 +77,7 @@ class ScriptedRunner:
     ended: threading.Event = field(default_factory=threading.Event)
     step: threading.Semaphore | None = None  # when set, each piece waits for a release
     loaded: bool = False
+    generated_on: list[str] = field(default_factory=list)  # the thread of each generate
 
     def preflight(self) -> None:
         pass
@@ -102,6 +106,7 @@ class ScriptedRunner:
     ) -> Iterator[GenerationChunk]:
         self.requests.append(request)
         self.cancels.append(cancel)
+        self.generated_on.append(threading.current_thread().name)
         self.ended.clear()
         produced = 0
         try:
@@ -114,6 +119,8 @@ class ScriptedRunner:
                 if isinstance(piece, GenerationChunk):
                     yield piece
                     return
+                if isinstance(piece, Exception):
+                    raise piece
                 produced += 1
                 yield GenerationChunk(text=piece)
             yield GenerationChunk(finish_reason="stop", prompt_tokens=7, completion_tokens=produced)
@@ -121,10 +128,32 @@ class ScriptedRunner:
             self.ended.set()
 
 
+@dataclass
+class PushingRunner(ScriptedRunner):
+    """The same script, computed on a thread of the runner's own and handed over from there."""
+
+    own: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="own")
+    )
+
+    def start(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        emit: Callable[[GenerationChunk], None],
+    ) -> Future[None]:
+        def run() -> None:
+            for chunk in self.generate(request, cancel):
+                emit(chunk)
+
+        return self.own.submit(run)
+
+
 class World:
-    def __init__(self) -> None:
+    def __init__(self, push: bool = False) -> None:
+        kind = PushingRunner if push else ScriptedRunner
         self.runners: dict[str, ScriptedRunner] = {
-            pid: ScriptedRunner(pid) for pid in REGISTRY.physical_models
+            pid: kind(pid) for pid in REGISTRY.physical_models
         }
         self.residency = Residency(REGISTRY, self.runners.__getitem__, 8 * GIB)
         self.chat = ChatService(REGISTRY, self.residency)
@@ -138,9 +167,9 @@ class World:
         return sum(m["in_flight"] for m in self.residency.snapshot()["models"])
 
 
-@pytest.fixture
-async def world() -> Any:
-    w = World()
+@pytest.fixture(params=["read", "pushed"])
+async def world(request: pytest.FixtureRequest) -> Any:
+    w = World(push=request.param == "pushed")
     yield w
     await w.residency.close()
 
@@ -175,7 +204,7 @@ def chunks(events: list[Any]) -> list[dict[str, Any]]:
 
 def streamed_content(events: list[Any]) -> str:
     return "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in chunks(events) if c["choices"]
+        c["choices"][0]["delta"].get("content") or "" for c in chunks(events) if c.get("choices")
     )
 
 
@@ -333,3 +362,25 @@ async def test_shutdown_gives_generations_a_grace_then_cancels_them(world: World
     assert runner.cancelled.is_set()
     assert [piece async for piece in body][-1].strip() == "data: [DONE]"
     await session.close()
+
+
+async def test_a_pushing_runner_is_not_read_through_the_session_s_threads() -> None:
+    """One hand-over per chunk: the runner's own thread to the event loop."""
+    world = World(push=True)
+    try:
+        runner = world.script("Plain", "Hello", " there")
+        assert streamed_content(await stream(world, request(stream=True))) == "Hello there"
+        assert runner.generated_on and all(t.startswith("own") for t in runner.generated_on)
+    finally:
+        await world.residency.close()
+
+
+async def test_a_runner_error_ends_the_stream_after_what_was_made_and_frees_the_model(
+    world: World,
+) -> None:
+    runner = world.script("Plain", "partial ", "answer", RuntimeError("the GPU fell over"))
+    events = await stream(world, request(stream=True))
+    assert streamed_content(events) == "partial answer"
+    assert chunks(events)[-1]["error"]["code"] == "internal_error"
+    assert "GPU" not in events[-2]  # the client is told nothing of the internals
+    assert runner.ended.is_set() and world.in_flight() == 0

@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 import pytest
 
 from llmux.core.config import PhysicalModel
-from runners.chat import GenerationRequest
+from llmux.core.errors import BadRequest
+from runners.chat import GenerationChunk, GenerationRequest
 from runners.cpus import physical_cores
 from runners.llamacpp import LlamaCppChatRunner
 from runners.prompt_states import MIN_SAVED_TOKENS, common_prefix
@@ -352,5 +353,35 @@ def test_a_reader_that_stops_early_stops_the_computation() -> None:
         stream.close()  # returns only once the compute thread has let go of the model
         assert cancel.is_set()
         assert runner._compute.submit(lambda: None).result(timeout=5) is None  # thread free
+    finally:
+        runner.unload()
+
+
+@slow
+@needs_qwen
+def test_start_hands_chunks_over_from_the_compute_thread_and_its_future_carries_errors() -> None:
+    """The chat session's streams take `start`: one hand-over per token, from the compute thread
+    straight to the event loop."""
+    runner = LlamaCppChatRunner("qwen", spec(), QWEN.parent, device="cpu")
+    runner.load()
+    try:
+        emitted: list[tuple[str, GenerationChunk]] = []
+
+        def emit(chunk: GenerationChunk) -> None:
+            emitted.append((threading.current_thread().name, chunk))
+
+        request = greedy([{"role": "user", "content": "Say hi."}], 4)
+        assert runner.start(request, threading.Event(), emit).result(timeout=120) is None
+        threads = {name for name, _ in emitted}
+        assert len(threads) == 1 and threads.pop().startswith("llama-qwen")
+        assert emitted[-1][1].finish_reason is not None
+        assert "".join(chunk.text for _, chunk in emitted) == answer(runner, request)[0]
+
+        emitted.clear()
+        too_long = GenerationRequest(
+            messages=[{"role": "user", "content": "word " * 3000}], max_tokens=4
+        )
+        failed = runner.start(too_long, threading.Event(), emit).exception(timeout=120)
+        assert isinstance(failed, BadRequest) and emitted == []
     finally:
         runner.unload()

@@ -1,6 +1,6 @@
 """Blocking work on worker threads, without ever abandoning a thread that uses a model: a
-function run to its end (`run_to_end`), or a generator read from async code
-(`iterate_in_thread`).
+function run to its end (`run_to_end`), a generator read from async code (`iterate_in_thread`),
+or the items a producer computing on a thread of its own hands over (`iterate_pushed`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 import contextvars
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import TypeVar
 
 import anyio
@@ -92,3 +92,37 @@ async def iterate_in_thread(
         cancel.set()
         with anyio.CancelScope(shield=True):
             await worker
+
+
+async def iterate_pushed(
+    start: Callable[[Callable[[T], None]], Future[None]], cancel: threading.Event
+) -> AsyncIterator[T]:
+    """The items a producer hands over, as an async iterator: `start(emit)` begins the work on a
+    thread of the producer's own, which calls `emit` with each item, and returns the Future of
+    that work, done when the producer has let go of what it uses (its error, if any, raised here
+    after the items emitted before it). One hand-over per item (producer thread to the event
+    loop), where `iterate_in_thread` of a generator that relays a thread of its own takes two.
+
+    Leaving early sets `cancel` and waits, shielded from cancellation, for the Future.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    def emit(item: object) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    running = start(emit)
+    # Runs on the producer's thread once the work ends, after its last emit: the end comes last.
+    running.add_done_callback(lambda done: emit(done.exception() or _DONE))
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]  # anything else came from the producer
+    finally:
+        cancel.set()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wrap_future(running)

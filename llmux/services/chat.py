@@ -37,7 +37,7 @@ from typing import cast
 import anyio
 
 from llmux.core.admission import GenerationGate
-from llmux.core.concurrency import iterate_in_thread, run_to_end
+from llmux.core.concurrency import iterate_in_thread, iterate_pushed, run_to_end
 from llmux.core.config import Registry
 from llmux.core.errors import ApiError, InternalError
 from llmux.parsers import ContentDelta, Event, ToolCallArgs, ToolCallStart, create_parser
@@ -58,7 +58,7 @@ from llmux.wire.chat import (
     sse_event,
 )
 from llmux_policy.executor import Residency
-from runners.chat import BatchingChatRunner, ChatRunner, GenerationChunk
+from runners.chat import BatchingChatRunner, ChatRunner, GenerationChunk, PushingChatRunner
 
 log = logging.getLogger("llmux.chat")
 
@@ -195,10 +195,18 @@ class ChatSession:
             if self.cancel.is_set():  # the client left while this request waited its turn
                 yield Finished("stop", Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0))
                 return
-            generation = iterate_in_thread(
-                lambda: self.runner.generate(prepared.generation, self.cancel),
-                self.cancel,
-                executor=self.threads,
+            runner = self.runner
+            generation: AsyncIterator[GenerationChunk] = (
+                iterate_pushed(
+                    lambda emit: runner.start(prepared.generation, self.cancel, emit),
+                    self.cancel,
+                )
+                if isinstance(runner, PushingChatRunner)
+                else iterate_in_thread(
+                    lambda: runner.generate(prepared.generation, self.cancel),
+                    self.cancel,
+                    executor=self.threads,
+                )
             )
             async for chunk in generation:
                 if chunk.finish_reason is not None:
