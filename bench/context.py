@@ -72,6 +72,7 @@ class Bench:
     llmux: Served
     bare: Served | None = None
     tiny_model: Path | None = None
+    qwen_transformers: Path | None = None
     startup: dict[str, list[Served]] = field(default_factory=dict)
 
     @property

@@ -3,11 +3,13 @@ llama_cpp.server and through llmux, interleaved round by round; then 1, 4 and 8 
 on each backend.
 
 llama.cpp rows use the embedded default's chat model (Qwen2.5-Coder 0.5B GGUF). The transformers
-rows use a tiny random-weight text-only Qwen3 model built for the run (tests/tiny_models.py):
-there is no real small transformers chat model installed, so only its ratios mean anything.
-llmux decodes it by continuous batching (full attention in every layer), even for one stream, so
-the in-process contender the ratios are taken against runs the same batching manager; plain
-`model.generate` is shown beside it.
+gateway rows use the same model dequantized into a transformers checkpoint
+(bench/qwen_transformers.py), and again a tiny random-weight text-only Qwen3 model built for the
+run (tests/tiny_models.py), whose near-free steps show llmux's per-token overhead at its most
+visible; the transformers concurrency rows use the tiny model. llmux decodes both by continuous
+batching (full attention in every layer), even for one stream, so the in-process contender the
+ratios are taken against runs the same batching manager; plain `model.generate` is shown beside
+it.
 
 Each concurrency section ends with Open WebUI's side request: a short title request sent while a
 long stream runs on the same model, timed against the same request alone.
@@ -19,10 +21,12 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from bench import qwen_transformers as qwen
 from bench.clients import StreamResult, concurrent_streams, stream_chat
 from bench.context import MAIN_CONTEXT, MAIN_GGUF, MAIN_LLM, TINY_LLM, Bench
 from bench.inprocess import Isolated, LlamaInProcess, TransformersInProcess
@@ -160,18 +164,56 @@ def gateway_llamacpp(bench: Bench) -> Section:
 
 
 def gateway_transformers(bench: Bench) -> Section:
-    opts = bench.options
+    """The embedded default's Qwen2.5-Coder-0.5B, dequantized into transformers: a real model's
+    steps, as llmux serves them."""
+    assert bench.qwen_transformers is not None
+    section = transformers_rows(
+        bench,
+        "gateway_transformers",
+        qwen.LLM,
+        bench.qwen_transformers,
+        qwen.CONTEXT,
+        [{"role": "user", "content": PROMPT}],
+    )
+    section.notes.append(
+        f"the model is {MAIN_LLM}'s GGUF dequantized by transformers into float32 "
+        "(bench/qwen_transformers.py): llmux batches it (full attention in every layer)"
+    )
+    return section
+
+
+def gateway_transformers_tiny(bench: Bench) -> Section:
     assert bench.tiny_model is not None
-    messages = [{"role": "user", "content": TINY_PROMPT}]
+    context = json.loads((bench.tiny_model / "config.json").read_text())["max_position_embeddings"]
+    section = transformers_rows(
+        bench,
+        "gateway_transformers_tiny",
+        TINY_LLM,
+        bench.tiny_model,
+        context,
+        [{"role": "user", "content": TINY_PROMPT}],
+    )
+    section.notes.append(TINY_NOTE)
+    return section
+
+
+def transformers_rows(
+    bench: Bench,
+    key: str,
+    model: str,
+    path: Path,
+    context: int,
+    messages: list[dict[str, Any]],
+) -> Section:
+    opts = bench.options
     body: dict[str, Any] = {
-        "model": TINY_LLM,
+        "model": model,
         "messages": messages,
         "max_tokens": opts.tokens,
         "temperature": 0,
     }
-    bench.admin("POST", f"/models/{TINY_LLM}/load")
-    context = json.loads((bench.tiny_model / "config.json").read_text())["max_position_embeddings"]
-    local = Isolated(TransformersInProcess, bench.tiny_model)
+    bench.admin("POST", f"/models/{model}/load")
+    local = Isolated(TransformersInProcess, path)
     local.call("set_prompt", messages, {"enable_thinking": False})
     try:
         with httpx.Client() as client:
@@ -189,8 +231,8 @@ def gateway_transformers(bench: Bench) -> Section:
     finally:
         local.close()
     section = gateway_section(
-        "gateway_transformers",
-        f"gateway overhead, transformers: tiny random model, {opts.tokens} tokens streamed",
+        key,
+        f"gateway overhead, transformers: {model}, {opts.tokens} tokens streamed",
         results,
         BATCHED,
     )
@@ -199,7 +241,6 @@ def gateway_transformers(bench: Bench) -> Section:
         "llmux runs for this model), one request; in-process, generate: model.generate on a "
         "thread; both greedy, in a process of their own"
     )
-    section.notes.append(TINY_NOTE)
     return section
 
 

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import endpoints, gateway, openwebui, residency, speech
-from bench.context import Bench, Options
+from bench import endpoints, gateway, openwebui, qwen_transformers, residency, speech
+from bench.context import MAIN_GGUF, Bench, Options
 from bench.inprocess import run_isolated
 from bench.machine import describe, load_average
+from bench.qwen_transformers import convert_gguf
 from bench.report import render
 from bench.servers import REPO, models_dir, start_llmux, write_llmux_config
 from bench.stats import Section
@@ -42,6 +43,10 @@ SECTIONS: dict[str, tuple[str, Callable[[Bench], Section]]] = {
     "swap": ("swap A->B->A", residency.swap),
     "warm_tier": ("warm tier", residency.warm_tier),
     "gateway_transformers": ("gateway overhead, transformers", gateway.gateway_transformers),
+    "gateway_transformers_tiny": (
+        "gateway overhead, transformers, tiny model",
+        gateway.gateway_transformers_tiny,
+    ),
     "concurrency_transformers": (
         "concurrency, transformers",
         lambda bench: gateway.concurrency(bench, "transformers"),
@@ -50,11 +55,15 @@ SECTIONS: dict[str, tuple[str, Callable[[Bench], Section]]] = {
 }
 
 
+# Sections that use the tiny transformers model (bench/tiny.py).
+TINY_SECTIONS = {"gateway_transformers_tiny", "concurrency_transformers", "warm_tier", "openwebui"}
+
+
 # Sections run on a freshly started llmux: on the busy 2-core laptop, a process that had loaded
 # llama.cpp ran the tiny transformers model 5-10 times faster than a clean one (OpenMP state,
 # not llmux), which would make the comparison with a clean in-process contender meaningless.
 # The concurrency section that follows shares that fresh worker.
-FRESH_SERVER = {"gateway_transformers"}
+FRESH_SERVER = {"gateway_transformers", "gateway_transformers_tiny"}
 
 
 def parse(argv: list[str] | None) -> tuple[Options, list[str], Path]:
@@ -92,15 +101,21 @@ def run(options: Options, only: list[str], started: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="llmux-bench-") as tmp:
         work = Path(tmp)
         tiny: Path | None = None
-        if any(key.endswith("transformers") or key in ("warm_tier", "openwebui") for key in only):
+        if TINY_SECTIONS & set(only):
             say("building the tiny transformers model", started)
             tiny = run_isolated(build_tiny_chat_model, work / "tiny-transformers")
-        config = write_llmux_config(work, tiny)
+        qwen: Path | None = None
+        if "gateway_transformers" in only:
+            say("converting the Qwen GGUF for transformers (kept under build/)", started)
+            qwen = run_isolated(
+                convert_gguf, models_dir() / MAIN_GGUF, REPO / "build" / qwen_transformers.PHYSICAL
+            )
+        config = write_llmux_config(work, tiny, qwen)
         say(f"starting llmux and the bare app ({options.startup_rounds} time(s) each)", started)
         sections["startup"], llmux, bare = endpoints.start_both(
             work, config, options.startup_rounds
         )
-        bench = Bench(options, work, models_dir(), llmux, bare, tiny)
+        bench = Bench(options, work, models_dir(), llmux, bare, tiny, qwen)
         try:
             for key in only:
                 title, measure = SECTIONS[key]

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench import qwen_transformers as qwen
 from runners.cpus import physical_cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,9 +140,12 @@ def models_dir() -> Path:
     return Path(data) / "llmux" / "models"
 
 
-def write_llmux_config(work: Path, tiny_transformers: Path | None) -> Path:
+def write_llmux_config(
+    work: Path, tiny_transformers: Path | None, qwen_transformers: Path | None = None
+) -> Path:
     """The embedded default (config/local) with an admin key of the bench's own and, when
-    given, a tiny transformers chat model as `Tiny-Transformers`."""
+    given, a tiny transformers chat model as `Tiny-Transformers` and the default's Qwen as a
+    transformers checkpoint (bench/qwen_transformers.py)."""
     config = work / "config"
     if config.exists():
         return config
@@ -163,6 +167,15 @@ def write_llmux_config(work: Path, tiny_transformers: Path | None) -> Path:
         # A warm tier of its own size: the embedded default's 16 GB GPU budget, taken off the
         # host's RAM on a machine without a GPU, leaves none by default on a small laptop.
         registry["host_budget_gb"] = 1
+    if qwen_transformers is not None:
+        registry["physical_models"][qwen.PHYSICAL] = {
+            "type": "llm",
+            "backend": "transformers",
+            "path": str(qwen_transformers),
+            "estimated_vram_gb": 2.5,
+            "context_length": qwen.CONTEXT,
+        }
+        registry["virtual_models"][qwen.LLM] = {"physical": qwen.PHYSICAL}
     (config / "models.yaml").write_text(yaml.safe_dump(registry, sort_keys=False))
     (config / "api_keys.yaml").write_text(
         yaml.safe_dump({"api_keys": [{"key": KEY, "name": "bench", "role": "admin"}]})

@@ -38,7 +38,7 @@ TARGETS = (
         "x",
     ),
     Target(
-        "streaming tok/s through llmux / in process, transformers",
+        "streaming tok/s through llmux / in process, transformers (Qwen2.5-Coder-0.5B)",
         "gateway_transformers",
         "llmux_tok_s_ratio",
         ">=",
@@ -54,7 +54,7 @@ TARGETS = (
         " ms",
     ),
     Target(
-        "TTFT added by llmux, transformers",
+        "TTFT added by llmux, transformers (Qwen2.5-Coder-0.5B)",
         "gateway_transformers",
         "llmux_added_ttft_ms",
         "<=",

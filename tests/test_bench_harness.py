@@ -20,6 +20,7 @@ import pytest
 from bench.clients import StreamResult, _read_response, stream_chat
 from bench.context import METRIC_SUM, Options
 from bench.openwebui_tools import openwebui_tools
+from bench.qwen_transformers import convert_gguf
 from bench.report import cell, render, table
 from bench.run import SECTIONS, parse
 from bench.stats import Section, interleave, median, numbers_in, percentile, ratio
@@ -237,6 +238,25 @@ def test_arguments_quick_overrides_and_sections() -> None:
         parse(["--rounds", "0"])
 
 
+def test_the_transformers_checkpoint_of_the_gguf_is_converted_once_per_gguf(
+    tmp_path: Path,
+) -> None:
+    """A kept conversion is reused while its GGUF is the same file; another GGUF is converted
+    again (this one is no GGUF at all, so trying fails)."""
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"not a gguf")
+    out = tmp_path / "converted"
+    out.mkdir()
+    stat = gguf.stat()
+    marker = {"gguf": gguf.name, "bytes": stat.st_size, "mtime": stat.st_mtime}
+    (out / "converted-from.json").write_text(json.dumps(marker))
+    assert convert_gguf(gguf, out) == out
+    gguf.write_bytes(b"another file, not a gguf either")
+    with pytest.raises(ValueError, match="GGUF magic"):
+        convert_gguf(gguf, out)
+    assert json.loads((out / "converted-from.json").read_text()) == marker  # nothing half-made
+
+
 # --- one quick run against real servers -------------------------------------------------------
 
 QWEN = MODELS_DIR / "qwen2.5-coder-0.5b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
@@ -286,6 +306,7 @@ def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
         assert figures["side_request_alone_ms"] > 0, backend
         assert figures["side_answered_during"] in (0.0, 1.0), backend
     assert sections["openwebui"]["figures"]["transformers_second_over_first_ttft"] is not None
-    gateway_rows = {row["path"] for row in sections["gateway_transformers"]["rows"]}
-    assert gateway_rows == {"in-process, batched", "in-process, generate", "llmux"}
+    for key in ("gateway_transformers", "gateway_transformers_tiny"):
+        gateway_rows = {row["path"] for row in sections[key]["rows"]}
+        assert gateway_rows == {"in-process, batched", "in-process, generate", "llmux"}, key
     assert "targets (issue #16" in run.stdout and "machine:" in run.stdout
