@@ -46,6 +46,14 @@ TARGETS = (
         "x",
     ),
     Target(
+        "streaming tok/s through llmux / in process, transformers (tiny random model)",
+        "gateway_transformers_tiny",
+        "llmux_tok_s_ratio",
+        ">=",
+        0.98,
+        "x",
+    ),
+    Target(
         "TTFT added by llmux, llama.cpp",
         "gateway_llamacpp",
         "llmux_added_ttft_ms",
@@ -56,6 +64,14 @@ TARGETS = (
     Target(
         "TTFT added by llmux, transformers (Qwen2.5-Coder-0.5B)",
         "gateway_transformers",
+        "llmux_added_ttft_ms",
+        "<=",
+        10.0,
+        " ms",
+    ),
+    Target(
+        "TTFT added by llmux, transformers (tiny random model)",
+        "gateway_transformers_tiny",
         "llmux_added_ttft_ms",
         "<=",
         10.0,
