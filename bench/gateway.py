@@ -35,6 +35,7 @@ from bench.stats import Section, difference, interleave, median, percentile, rat
 from bench.tiny import PROMPT as TINY_PROMPT
 
 BATCHED = "in-process, batched"
+BATCHED_PINNED = "in-process, batched, llmux's malloc"
 # llmux's batch size for a transformers model that batches and sets none (runners.transformers_llm;
 # not imported: the bench process imports no model library).
 DEFAULT_MAX_BATCH_SIZE = 8
@@ -85,8 +86,7 @@ def gateway_section(
     base_text = next((r.text for r in results[baseline] if r.error is None), None)
     for name, runs in results.items():
         good = [r for r in runs if r.error is None]
-        rate = median(r.decode_tok_s for r in good)
-        ttft = median(r.ttft_s for r in good)
+        rate, ttft = _rate_and_ttft(runs)
         added = difference(ttft, base_ttft)
         section.rows.append(
             {
@@ -100,7 +100,8 @@ def gateway_section(
                 "errors": len(runs) - len(good),
             }
         )
-        slug = name.replace(".", "_").replace("-", "_").replace(",", "").replace(" ", "_")
+        slug = name.replace(".", "_").replace("-", "_").replace(",", "").replace("'", "")
+        slug = slug.replace(" ", "_")
         if name != baseline:
             section.figures[f"{slug}_tok_s_ratio"] = ratio(rate, base_rate)
             section.figures[f"{slug}_added_ttft_ms"] = None if added is None else added * 1000
@@ -214,7 +215,9 @@ def transformers_rows(
     }
     bench.admin("POST", f"/models/{model}/load")
     local = Isolated(TransformersInProcess, path)
-    local.call("set_prompt", messages, {"enable_thinking": False})
+    pinned = Isolated(TransformersInProcess, path, True)
+    for contender in (local, pinned):
+        contender.call("set_prompt", messages, {"enable_thinking": False})
     try:
         with httpx.Client() as client:
             results = run_rounds(
@@ -222,14 +225,19 @@ def transformers_rows(
                     BATCHED: lambda: local.call(
                         "stream_batched", opts.tokens, DEFAULT_MAX_BATCH_SIZE, context
                     ),
+                    BATCHED_PINNED: lambda: pinned.call(
+                        "stream_batched", opts.tokens, DEFAULT_MAX_BATCH_SIZE, context
+                    ),
                     "in-process, generate": lambda: local.call("stream", opts.tokens),
                     "llmux": lambda: stream_chat(client, bench.llmux.base, KEY, body),
                 },
                 opts.rounds,
             )
-        local.call("close")
+        for contender in (local, pinned):
+            contender.call("close")
     finally:
         local.close()
+        pinned.close()
     section = gateway_section(
         key,
         f"gateway overhead, transformers: {model}, {opts.tokens} tokens streamed",
@@ -241,7 +249,23 @@ def transformers_rows(
         "llmux runs for this model), one request; in-process, generate: model.generate on a "
         "thread; both greedy, in a process of their own"
     )
+    (rate, ttft), (pinned_rate, pinned_ttft) = (
+        _rate_and_ttft(results[name]) for name in ("llmux", BATCHED_PINNED)
+    )
+    section.figures["llmux_over_pinned_tok_s_ratio"] = ratio(rate, pinned_rate)
+    added = difference(ttft, pinned_ttft)
+    section.figures["llmux_over_pinned_added_ttft_ms"] = None if added is None else added * 1000
+    section.notes.append(
+        f"{BATCHED_PINNED}: the same, with glibc's mmap and trim thresholds pinned as llmux's "
+        "worker pins them (runners/base.py, pin_malloc_thresholds): the allocator policy's "
+        "share of the gap, apart from the gateway's"
+    )
     return section
+
+
+def _rate_and_ttft(runs: list[StreamResult]) -> tuple[float | None, float | None]:
+    good = [r for r in runs if r.error is None]
+    return median(r.decode_tok_s for r in good), median(r.ttft_s for r in good)
 
 
 def concurrency(bench: Bench, backend: str) -> Section:

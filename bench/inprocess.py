@@ -163,7 +163,14 @@ class TransformersInProcess:
     streamer, or transformers' continuous-batching manager; each token decoded to text as it
     comes, as a streaming caller would."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, llmux_malloc: bool = False) -> None:
+        if llmux_malloc:
+            # As llmux's worker starts (glibc's mmap and trim thresholds pinned, for a flat RSS
+            # while backends take turns): what that policy costs torch on the CPU, apart from
+            # the gateway.
+            from runners.base import pin_malloc_thresholds
+
+            pin_malloc_thresholds()
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
