@@ -6,9 +6,10 @@ or the items a producer computing on a thread of its own hands over (`iterate_pu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TypeVar
 
@@ -80,18 +81,9 @@ async def iterate_in_thread(
             put(_DONE)
 
     worker: Awaitable[None] = loop.run_in_executor(executor, run)
-    try:
-        while True:
-            item = await queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
+    async with contextlib.aclosing(_handed_over(queue, cancel, worker)) as items:
+        async for item in items:
             yield item  # type: ignore[misc]  # anything else came from `produce`
-    finally:
-        cancel.set()
-        with anyio.CancelScope(shield=True):
-            await worker
 
 
 async def iterate_pushed(
@@ -114,6 +106,19 @@ async def iterate_pushed(
     running = start(emit)
     # Runs on the producer's thread once the work ends, after its last emit: the end comes last.
     running.add_done_callback(lambda done: emit(done.exception() or _DONE))
+    work = asyncio.wrap_future(running)
+    async with contextlib.aclosing(_handed_over(queue, cancel, work)) as items:
+        async for item in items:
+            yield item  # type: ignore[misc]  # anything else came from the producer
+
+
+async def _handed_over(
+    queue: asyncio.Queue[object], cancel: threading.Event, work: Awaitable[None]
+) -> AsyncGenerator[object, None]:
+    """What a thread puts on `queue` until `_DONE` (an exception put there is raised); leaving
+    early sets `cancel`, and however it ends, `work` (the thread's) is awaited, shielded. Read
+    it under `contextlib.aclosing`, so that leaving early runs this at once, not when the
+    generator is collected."""
     try:
         while True:
             item = await queue.get()
@@ -121,8 +126,8 @@ async def iterate_pushed(
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]  # anything else came from the producer
+            yield item
     finally:
         cancel.set()
         with anyio.CancelScope(shield=True):
-            await asyncio.wrap_future(running)
+            await work
