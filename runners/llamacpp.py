@@ -80,7 +80,7 @@ class LlamaCppChatRunner:
         self._vision: Any = None
         self._prompts: PromptStates | None = None
         self._checked: CheckedPrompts[list[int]] = CheckedPrompts(CHECKED_KEPT)
-        # Every generation computes on this one thread (see `generate`).
+        # Every generation computes on this one thread (see `start`).
         self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"llama-{physical_id}")
 
     # --- Runner -------------------------------------------------------------------------------

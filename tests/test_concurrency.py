@@ -26,14 +26,17 @@ def counting(cancel: threading.Event, ended: threading.Event) -> Iterator[int]:
         ended.set()
 
 
-def bridge(kind: str, cancel: threading.Event, ended: threading.Event) -> AsyncIterator[int]:
+def bridge(
+    kind: str, produce: Callable[[], Iterator[int]], cancel: threading.Event
+) -> AsyncIterator[int]:
+    """`produce`'s items through `iterate_in_thread`, or pushed from a thread of its own."""
     if kind == "in_thread":
-        return iterate_in_thread(lambda: counting(cancel, ended), cancel)
+        return iterate_in_thread(produce, cancel)
     own = ThreadPoolExecutor(1)
 
     def start(emit: Callable[[int], None]) -> Future[None]:
         def run() -> None:
-            for item in counting(cancel, ended):
+            for item in produce():
                 emit(item)
 
         return own.submit(run)
@@ -46,7 +49,7 @@ async def test_a_reader_that_leaves_early_has_the_thread_stopped_when_it_goes_on
     kind: str,
 ) -> None:
     cancel, ended = threading.Event(), threading.Event()
-    items = bridge(kind, cancel, ended)
+    items = bridge(kind, lambda: counting(cancel, ended), cancel)
     assert [await anext(items) for _ in range(3)] == [0, 1, 2]
     await items.aclose()  # what `break` or a cancelled reader does
     assert cancel.is_set() and ended.is_set()
@@ -60,19 +63,7 @@ async def test_an_error_comes_after_the_items_made_before_it(kind: str) -> None:
         raise RuntimeError("out of memory")
 
     cancel = threading.Event()
-    if kind == "in_thread":
-        items = iterate_in_thread(failing, cancel)
-    else:
-        own = ThreadPoolExecutor(1)
-
-        def start(emit: Callable[[int], None]) -> Future[None]:
-            def run() -> None:
-                for item in failing():
-                    emit(item)
-
-            return own.submit(run)
-
-        items = iterate_pushed(start, cancel)
+    items = bridge(kind, failing, cancel)
     seen: list[int] = []
     with pytest.raises(RuntimeError, match="out of memory"):
         async for item in items:
