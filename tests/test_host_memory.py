@@ -22,7 +22,7 @@ MiB = 1024 * 1024
 try:
     ctypes.CDLL("libc.so.6").mallinfo2  # noqa: B018
 except (OSError, AttributeError):
-    pytestmark = pytest.mark.skip(reason="glibc 2.33 or later only: the policy is a no-op elsewhere")
+    pytestmark = pytest.mark.skip(reason="glibc 2.33 or later only (a no-op elsewhere)")
 
 # Runs in the child: pins the policy, then mallocs and frees blocks of the sizes given and
 # reports, for each, how many more blocks glibc holds as mappings of their own while it is held,
