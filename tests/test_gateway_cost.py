@@ -177,10 +177,23 @@ def test_bentoml_traces_no_url(tmp_path: Path) -> None:
     assert service_probe(tmp_path, probe) == [True, True, True, True]
 
 
-def test_the_service_puts_the_front_door_in_bentomls_stack(tmp_path: Path) -> None:
-    """BentoML builds its app from `LLMux.middlewares` (outside its routing and the mount)."""
+def test_the_app_bentoml_builds_answers_polls_at_the_front_door(tmp_path: Path) -> None:
+    """The ASGI app BentoML builds for the service (`to_asgi`, what `bentoml serve` runs)
+    answers the polls without reaching the mounted app; other requests reach it."""
     probe = (
-        "doors = [o for cls, o in service.LLMux.middlewares if cls.__name__ == 'FrontDoor']\n"
-        "print(json.dumps([sorted(o['paths']) for o in doors]))\n"
+        "import fastapi\n"
+        "from starlette.testclient import TestClient\n"
+        "reached = []\n"
+        "through = fastapi.FastAPI.__call__\n"
+        "async def counting(self, scope, receive, send):\n"
+        "    if scope['type'] == 'http':\n"
+        "        reached.append(scope['path'])\n"
+        "    await through(self, scope, receive, send)\n"
+        "fastapi.FastAPI.__call__ = counting\n"
+        "http = TestClient(service.LLMux.to_asgi(is_main=True), base_url='http://llmux.test')\n"
+        "answers = [http.get('/health').status_code, http.get('/v1/models').status_code]\n"
+        "answers.append(http.get('/health', headers={'Origin': 'http://ui.test'}).status_code)\n"
+        "print(json.dumps({'answers': answers, 'reached': reached}))\n"
     )
-    assert service_probe(tmp_path, probe) == [["/health", "/v1/models"]]
+    # /v1/models without a key: the front door's own key check refuses it, as the app would.
+    assert service_probe(tmp_path, probe) == {"answers": [200, 401, 200], "reached": ["/health"]}
