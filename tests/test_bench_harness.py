@@ -22,7 +22,7 @@ from bench.context import METRIC_SUM, Options
 from bench.openwebui_tools import openwebui_tools
 from bench.qwen_transformers import convert_gguf
 from bench.report import cell, render, table
-from bench.run import SECTIONS, parse
+from bench.run import NOT_QUICK, SECTIONS, parse
 from bench.stats import Section, interleave, median, numbers_in, percentile, ratio
 from bench.targets import TARGETS, evaluate
 from tests.conftest import GEMMA, MODELS_DIR, REPO, real_models
@@ -232,6 +232,11 @@ def test_arguments_quick_overrides_and_sections() -> None:
     assert only == ["endpoints", "swap"]
     options, only, path = parse(["--json", "out.json"])
     assert options == Options() and only == list(SECTIONS) and path == Path("out.json")
+    # The short run leaves the real transformers model out, unless it is asked for by name.
+    _, only, _ = parse(["--quick"])
+    assert only == [s for s in SECTIONS if s not in NOT_QUICK]
+    _, only, _ = parse(["--quick", "--only", "gateway_transformers"])
+    assert only == ["gateway_transformers"]
     with pytest.raises(SystemExit):
         parse(["--only", "nonsense"])
     with pytest.raises(SystemExit):
@@ -287,7 +292,7 @@ def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,  # the first run converts the Qwen GGUF for transformers (about 90 s here)
+        timeout=900,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     report = json.loads(out.read_text())
@@ -295,7 +300,7 @@ def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
     for key in ("cpu", "cores", "memory_gib", "gpu", "llama_cpp_build", "os", "packages"):
         assert machine.get(key), key
     sections = report["sections"]
-    assert set(sections) == {"startup", *SECTIONS}
+    assert set(sections) == {"startup", *SECTIONS} - set(NOT_QUICK)
     for key, section in sections.items():
         assert section["error"] is None, (key, section["error"])
         assert section["rows"] and numbers_in(section), key
@@ -306,12 +311,11 @@ def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
         assert figures["side_request_alone_ms"] > 0, backend
         assert figures["side_answered_during"] in (0.0, 1.0), backend
     assert sections["openwebui"]["figures"]["transformers_second_over_first_ttft"] is not None
-    for key in ("gateway_transformers", "gateway_transformers_tiny"):
-        gateway_rows = {row["path"] for row in sections[key]["rows"]}
-        assert gateway_rows == {
-            "in-process, batched",
-            "in-process, batched, llmux's malloc",
-            "in-process, generate",
-            "llmux",
-        }, key
+    gateway_rows = {row["path"] for row in sections["gateway_transformers_tiny"]["rows"]}
+    assert gateway_rows == {
+        "in-process, batched",
+        "in-process, batched, llmux's malloc",
+        "in-process, generate",
+        "llmux",
+    }
     assert "targets (issue #16" in run.stdout and "machine:" in run.stdout
