@@ -5,9 +5,8 @@ at every step, runs the forward pass for every admitted sequence together (prefi
 decode tokens side by side) and hands each sequence its new token. `ContinuousBatcher` wraps one
 manager for one loaded model:
 
-- Each sequence's new tokens are handed to a callback of its own, on the loop thread, as the
-  step that made them ends (the manager's shared output queue would hand one consumer another's
-  tokens, and a thread waiting on a queue per sequence is one more hand-over per token).
+- Each sequence's tokens reach the thread that asked for them through a queue of its own (the
+  manager's shared output queue would hand one consumer another's tokens).
 - Sampling is per sequence and exact: the manager decodes greedily, and a logits processor of
   ours applies each sampled sequence's own `runners.sampling` sampler to its row (the manager's
   own sampling draws from one generator for the whole batch). Seeded requests are not sent here
@@ -19,10 +18,9 @@ manager for one loaded model:
 - The cache is sized here (`cache_tokens`), never from "free memory": the manager's default
   takes most of what the device has free, which belongs to the other resident models.
 
-Threading: `start` returns at once; the compute, and the calls of each sequence's callback,
-happen on the manager's loop thread. One watcher thread, awake only while sequences run, ends a
-sequence whose `cancel` is set and fails every sequence once the loop stops. `close` stops both
-threads (a sequence still running gets an error) and drops the cache.
+Threading: `generate` blocks on the caller's thread, waiting on its queue; the compute happens
+on the manager's loop thread. `close` stops that thread (a sequence still running gets an error)
+and drops the cache.
 """
 
 from __future__ import annotations
@@ -30,10 +28,10 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import queue
 import threading
 import weakref
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -47,34 +45,12 @@ PAGE_TOKENS = 64
 # The most prompt tokens one step prefills (a longer prompt is prefilled over several steps,
 # while the other sequences keep decoding).
 MAX_STEP_TOKENS = 1024
-# How often the watcher looks at the running sequences' cancel events and at the loop's health.
+# How often a waiting consumer looks at its cancel event.
 CANCEL_POLL_S = 0.05
 
 
 class BatchingFailed(RuntimeError):
     """The batch loop refused or lost a sequence (its message says why)."""
-
-
-class _Sequence:
-    """One admitted sequence: where its tokens go, and its end, which comes once (`ended`)."""
-
-    def __init__(
-        self,
-        request_id: str,
-        key: int,
-        on_tokens: Callable[[list[int]], None],
-        cancel: threading.Event,
-    ) -> None:
-        self.request_id = request_id
-        self.key = key
-        self.on_tokens = on_tokens
-        self.cancel = cancel
-        self.sent = 0  # tokens handed to on_tokens so far
-        self.error: str | None = None  # the loop's error for it, ended by the watcher
-        self.ended: Future[None] = Future()
-        # Held while tokens are handed over and while the sequence ends, so that no token is
-        # handed over after its end (the end's callbacks send the generation's last chunk).
-        self.lock = threading.Lock()
 
 
 class ContinuousBatcher:
@@ -102,11 +78,8 @@ class ContinuousBatcher:
         self.batch_size = batch_size
         self._stop_token_ids = list(stop_token_ids)
         self._sampling = _per_sequence_sampling()
-        self._sequences: dict[str, _Sequence] = {}
-        self._router = _per_sequence_router(self._deliver)
+        self._router = _per_sequence_router()
         self._ids = itertools.count()
-        self._watching = threading.Condition()  # notified when a sequence starts, or at close
-        self._closed = False
         config = ContinuousBatchingConfig(
             page_size=PAGE_TOKENS,
             num_blocks=-(-cache_tokens // PAGE_TOKENS),
@@ -141,10 +114,6 @@ class ContinuousBatcher:
         )
         manager._generation_thread.start()
         self._manager = manager
-        self._watcher = threading.Thread(
-            target=self._watch, name=f"watch-{thread_name}", daemon=True
-        )
-        self._watcher.start()
         this = weakref.ref(self)
 
         def stop_at_exit() -> None:
@@ -175,28 +144,23 @@ class ContinuousBatcher:
             return "the batch loop has stopped"
         return None
 
-    def start(
+    def generate(
         self,
         input_ids: list[int],
         max_new_tokens: int,
         sampler: LogitsProcessor | None,
         cancel: threading.Event,
-        on_tokens: Callable[[list[int]], None],
-    ) -> Future[None]:
-        """Admit one sequence. `on_tokens` gets each step's new token ids on the loop thread, as
-        the step ends (the last may be a stop token); it must not block, and if it raises, the
-        sequence is cancelled and ends with that error. The returned Future ends (its callbacks
-        run before anything else is handed over) when the sequence finishes, within one
-        `CANCEL_POLL_S` of `cancel` being set (the sequence's cache slot is freed), or with
-        `BatchingFailed` if the loop refuses or fails it. Raises `BatchingFailed` at once if the
-        loop takes no new sequence."""
+    ) -> Iterator[int]:
+        """Each new token id of one sequence as the loop makes it (the last may be a stop token).
+        Ends within one step once `cancel` is set, and frees the sequence's cache slot.
+        Raises `BatchingFailed` if the loop refuses or fails the sequence."""
         request_id = f"llmux-{next(self._ids)}"
         key = int(request_id.rsplit("-", 1)[1])
-        sequence = _Sequence(request_id, key, on_tokens, cancel)
-        # Known before the loop can make its first token.
-        self._sequences[request_id] = sequence
+        outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._router.queues[request_id] = outputs
         if sampler is not None:
             self._sampling.samplers[key] = sampler
+        finished = False
         try:
             added = self._manager.add_request(
                 input_ids,
@@ -206,82 +170,30 @@ class ContinuousBatcher:
                 eos_token_id=self._stop_token_ids,
                 llmux_sequence=key,
             )
-        except BaseException:
-            self._forget(sequence)
-            raise
-        if added is None:
-            self._forget(sequence)
-            raise BatchingFailed(f"the batch loop took no new sequence ({self.failure()})")
-        with self._watching:
-            self._watching.notify()
-        return sequence.ended
-
-    def _deliver(self, output: Any) -> None:
-        """The router's hand-over of one sequence's output, on the loop thread."""
-        sequence = self._sequences.get(output.request_id)
-        if sequence is None:  # ended (cancelled) while the step ran
-            return
-        if output.error is not None:
-            # Ended by the watcher: a sequence's end may close the batcher (the runner drops a
-            # failed one), which cannot happen on the loop thread it joins.
-            sequence.error = str(output.error)
-            with self._watching:
-                self._watching.notify()
-            return
-        with sequence.lock:
-            if sequence.ended.done():
-                return
-            tokens = output.generated_tokens
-            new, sequence.sent = tokens[sequence.sent :], len(tokens)
-            try:
-                if new:
-                    sequence.on_tokens(new)
-            except BaseException as exc:  # the reader's side failed: stop computing for it
-                self._manager.cancel_request(sequence.request_id)
-                self._end(sequence, exc)
-                return
-            if output.is_finished():
-                self._end(sequence, None)
-
-    def _watch(self) -> None:
-        """The watcher thread: while sequences run, every `CANCEL_POLL_S`, end those cancelled or
-        failed, and all of them once the loop stops."""
-        while True:
-            with self._watching:
-                while not self._sequences and not self._closed:
-                    self._watching.wait()
-                if self._closed:
+            if added is None:
+                raise BatchingFailed(f"the batch loop took no new sequence ({self.failure()})")
+            sent = 0
+            while not cancel.is_set():
+                try:
+                    output = outputs.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    if self.failure() is not None:
+                        raise BatchingFailed(f"the batch loop stopped: {self.failure()}") from None
+                    continue
+                if output.error is not None:
+                    finished = True
+                    raise BatchingFailed(output.error)
+                tokens = output.generated_tokens
+                yield from tokens[sent:]
+                sent = len(tokens)
+                if output.is_finished():
+                    finished = True
                     return
-                self._watching.wait(CANCEL_POLL_S)
-            failure = self.failure()
-            for sequence in list(self._sequences.values()):
-                if failure is not None:
-                    self._fail(sequence, f"the batch loop stopped: {failure}")
-                elif sequence.error is not None:
-                    self._fail(sequence, sequence.error)
-                elif sequence.cancel.is_set():
-                    with sequence.lock:
-                        if not sequence.ended.done():
-                            self._manager.cancel_request(sequence.request_id)
-                            self._end(sequence, None)
-
-    def _fail(self, sequence: _Sequence, reason: str) -> None:
-        with sequence.lock:
-            self._end(sequence, BatchingFailed(reason))
-
-    def _end(self, sequence: _Sequence, error: BaseException | None) -> None:
-        """End a sequence (under its lock), once: its Future's callbacks run here."""
-        if sequence.ended.done():
-            return
-        self._forget(sequence)
-        if error is None:
-            sequence.ended.set_result(None)
-        else:
-            sequence.ended.set_exception(error)
-
-    def _forget(self, sequence: _Sequence) -> None:
-        self._sequences.pop(sequence.request_id, None)
-        self._sampling.samplers.pop(sequence.key, None)
+        finally:
+            if not finished:
+                self._manager.cancel_request(request_id)
+            self._router.queues.pop(request_id, None)
+            self._sampling.samplers.pop(key, None)
 
     def close(self) -> None:
         """Stop the loop thread and drop the cache. Idempotent."""
@@ -290,26 +202,26 @@ class ContinuousBatcher:
         if manager.is_running():
             manager.stop(block=True, timeout=30, hard_stop=True)  # any sequence left fails
         manager.batch_processor = None
-        with self._watching:
-            self._closed = True
-            self._watching.notify()
-        for sequence in list(self._sequences.values()):
-            self._fail(sequence, "the batch loop has stopped")
-        if threading.current_thread() is not self._watcher:  # a failed sequence's end closes
-            self._watcher.join()
 
 
-def _per_sequence_router(deliver: Callable[[Any], None]) -> Any:
-    """An OutputRouter that hands every output to `deliver` (on the loop thread)."""
+def _per_sequence_router() -> Any:
+    """An OutputRouter that puts each sequence's outputs on that sequence's own queue; outputs of
+    a sequence nobody waits for any more (cancelled) are dropped."""
     from transformers.generation.continuous_batching.continuous_api import OutputRouter
 
     class PerSequenceRouter(OutputRouter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.queues: dict[str, queue.SimpleQueue[Any]] = {}
+
         def deliver(self, output: Any) -> None:
-            deliver(output)
+            outputs = self.queues.get(output.request_id)
+            if outputs is not None:
+                outputs.put(output)
 
         def deliver_batch(self, outputs: list[Any]) -> None:
             for output in outputs:
-                deliver(output)
+                self.deliver(output)
 
     return PerSequenceRouter()
 

@@ -8,11 +8,10 @@ identical for every backend; a runner only renders its prompt and generates.
 
 from __future__ import annotations
 
-import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
@@ -127,30 +126,6 @@ class PushingChatRunner(ChatRunner, Protocol):
         """`generate`'s chunks, each passed to `emit` on the runner's own thread as it is made.
         The Future ends once the model is no longer in use, with the error `generate` would have
         raised, if any; `cancel` is honoured as by `generate`."""
-
-
-def read_pushed(
-    start: Callable[[Callable[[GenerationChunk], None]], Future[None]], cancel: threading.Event
-) -> Iterator[GenerationChunk]:
-    """A pushing runner's `generate`: the chunks `start(emit)` hands over, read on the caller's
-    thread, then its error if any. Started at the first `next()`; a reader that leaves early sets
-    `cancel`, and however it ends, this waits for the Future (the model stays in use until the
-    runner lets go of it)."""
-    chunks: queue.SimpleQueue[GenerationChunk | BaseException | None] = queue.SimpleQueue()
-    computing = start(chunks.put)
-    computing.add_done_callback(lambda done: chunks.put(done.exception()))
-    ended = False
-    try:
-        while (item := chunks.get()) is not None:
-            if isinstance(item, BaseException):
-                ended = True
-                raise item
-            yield item
-        ended = True
-    finally:
-        if not ended:
-            cancel.set()  # the reader is gone: stop computing
-        wait([computing])
 
 
 @runtime_checkable

@@ -27,10 +27,11 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+import queue
 import random
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -45,7 +46,7 @@ from runners.base import (
     require_backend,
     require_gguf,
 )
-from runners.chat import CheckedPrompts, GenerationChunk, GenerationRequest, read_pushed
+from runners.chat import CheckedPrompts, GenerationChunk, GenerationRequest
 from runners.cpus import physical_cores
 from runners.prompt_states import DEFAULT_BUDGET_MB, LlamaContext, PromptStates, common_prefix
 from runners.templates import compile_template, read_template, render
@@ -228,7 +229,21 @@ class LlamaCppChatRunner:
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:
         """`start`'s chunks, on the caller's thread."""
-        return read_pushed(lambda emit: self.start(request, cancel, emit), cancel)
+        chunks: queue.SimpleQueue[GenerationChunk | BaseException | None] = queue.SimpleQueue()
+        computing = self.start(request, cancel, chunks.put)
+        computing.add_done_callback(lambda done: chunks.put(done.exception()))
+        ended = False
+        try:
+            while (item := chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    ended = True
+                    raise item
+                yield item
+            ended = True
+        finally:
+            if not ended:
+                cancel.set()  # the reader is gone: stop computing
+            wait([computing])  # the model stays in use until the compute thread lets go
 
     def _generate_text(
         self, request: GenerationRequest, cancel: threading.Event

@@ -9,9 +9,9 @@ refused before any weight is read (`runners.mxfp4`).
 The prompt is the chat template (the weights' own, or the registry's `chat_template` file) with
 `tools`, `add_generation_prompt=True` and the request's template kwargs as variables.
 
-Generation (`start`, and `generate` on top of it): greedy or sampled with a per-request
-generator (`runners.sampling`), optionally constrained to a JSON schema (`runners.constrained`),
-streamed token by token. Special tokens stay in the text only for the harmony family (gpt-oss),
+Generation (`generate`): greedy or sampled with a per-request generator (`runners.sampling`),
+optionally constrained to a JSON schema (`runners.constrained`), streamed token by token
+(`runners.token_stream`). Special tokens stay in the text only for the harmony family (gpt-oss),
 whose parser reads them; for everything else they are dropped.
 
 Two paths (`batches` says which a request takes):
@@ -24,13 +24,11 @@ Two paths (`batches` says which a request takes):
   prompt continues from the kept state of an earlier prompt's prefix and leaves its own
   (`runners.prefix_snapshots`, up to `prefix_cache_mb` of host memory).
 
-Threading: `load`, `unload`, `render_prompt` and `check` block and run on the caller's worker
-thread. `start` returns at once: a batched generation's chunks are made and handed over on the
-batch loop's thread as each step ends; a one-at-a-time generation runs on the runner's
-one-at-a-time thread, which adds one inner thread for `model.generate`, joined before the
-generation ends. A one-at-a-time generation must run alone (the chat session admits it alone;
-batched generations may overlap each other up to `batch_size`): some models keep per-call state
-on the module (Qwen-VL's rope deltas).
+Threading: `load`, `unload`, `render_prompt` and `generate` block and run on the caller's worker
+thread. A one-at-a-time `generate` adds one inner thread for `model.generate`, joined before it
+returns or is closed; batched ones wait for the batch loop's thread. A one-at-a-time generation
+must run alone (the chat session admits it alone; batched generations may overlap each other up
+to `batch_size`): some models keep per-call state on the module (Qwen-VL's rope deltas).
 """
 
 from __future__ import annotations
@@ -41,8 +39,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -66,7 +63,7 @@ from runners.base import (
     unpark_torch_modules,
 )
 from runners.batching import BatchingFailed, ContinuousBatcher
-from runners.chat import CheckedPrompts, GenerationChunk, GenerationRequest, read_pushed
+from runners.chat import CheckedPrompts, GenerationChunk, GenerationRequest
 from runners.constrained import JsonSchemaConstraints
 from runners.mxfp4 import is_mxfp4_checkpoint, mxfp4_blockers, probe_mxfp4_environment
 from runners.prefix_snapshots import PrefixSnapshots
@@ -123,43 +120,6 @@ class _Loaded:
     constraints: JsonSchemaConstraints
 
 
-class _Answer:
-    """One generation's text and counts, token by token, and its last chunk."""
-
-    def __init__(
-        self,
-        detokenizer: IncrementalDetokenizer,
-        stop_token_ids: tuple[int, ...],
-        prompt_tokens: int,
-        budget: int,
-    ) -> None:
-        self.detokenizer = detokenizer
-        self.stop_token_ids = stop_token_ids
-        self.prompt_tokens = prompt_tokens
-        self.budget = budget
-        self.produced = 0
-        self.last: int | None = None
-
-    def chunk(self, token: int) -> GenerationChunk:
-        self.last = token
-        self.produced += token not in self.stop_token_ids
-        return GenerationChunk(text=self.detokenizer.push([token]), token_ids=(token,))
-
-    def last_chunk(self) -> GenerationChunk:
-        hit_limit = self.produced >= self.budget and self.last not in self.stop_token_ids
-        return GenerationChunk(
-            text=self.detokenizer.flush(),
-            finish_reason="length" if hit_limit else "stop",
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.produced,
-        )
-
-
-def _emit_each(chunks: Iterator[GenerationChunk], emit: Callable[[GenerationChunk], None]) -> None:
-    for chunk in chunks:
-        emit(chunk)
-
-
 class TransformersChatRunner:
     """A chat model on transformers. Construction is cheap; `load` reads the weights."""
 
@@ -177,9 +137,6 @@ class TransformersChatRunner:
         self._harmony_built = False
         self._loaded: _Loaded | None = None
         self._batcher: ContinuousBatcher | None = None
-        # The one-at-a-time path's generations (one at a time: the chat session admits them
-        # alone); batched ones need no thread of their own.
-        self._alone = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"alone-{physical_id}")
         # id(request) -> (the request, its encoded prompt): `check` encodes, `generate` reuses.
         self._encoded: CheckedPrompts[Any] = CheckedPrompts(ENCODED_KEPT)
         self._snapshots: PrefixSnapshots | None = None
@@ -391,30 +348,10 @@ class TransformersChatRunner:
         if request.json_schema is not None:
             loaded.constraints.logits_processor(request.json_schema)
 
-    def start(
-        self,
-        request: GenerationRequest,
-        cancel: threading.Event,
-        emit: Callable[[GenerationChunk], None],
-    ) -> Future[None]:
-        """`generate`'s chunks, each handed to `emit` as it is made: a batched request's on the
-        batch loop's thread as each step ends (no thread waits for its tokens), a one-at-a-time
-        request's on this runner's one-at-a-time thread. The Future ends, with `generate`'s
-        error if any, once the generation no longer uses the model."""
-        batcher = self._batcher
-        if batcher is None or not self.batches(request):
-            return self._alone.submit(_emit_each, self._generate_alone(request, cancel), emit)
-        try:
-            return self._start_batched(batcher, request, cancel, emit)
-        except BaseException as exc:  # refused before anything ran: told by the Future
-            refused: Future[None] = Future()
-            refused.set_exception(exc)
-            return refused
-
     def generate(
         self, request: GenerationRequest, cancel: threading.Event
     ) -> Iterator[GenerationChunk]:
-        """Blocking, on the caller's thread: `start`'s chunks.
+        """Blocking, on the caller's worker thread (see the module docstring for threads).
 
         Sampling follows OpenAI: temperature 1 and top_p 1 when unset, temperature 0 is greedy;
         `seed` makes sampling reproducible. Without `max_tokens` the answer may fill the context.
@@ -422,81 +359,7 @@ class TransformersChatRunner:
         llama.cpp runner does), though that token's id is still yielded for the parsers.
         Raises `BadRequest` for a prompt that does not fit the context, unreadable images or an
         unusable JSON schema, before anything is generated."""
-        return read_pushed(lambda emit: self.start(request, cancel, emit), cancel)
-
-    def _generate_alone(
-        self, request: GenerationRequest, cancel: threading.Event
-    ) -> Iterator[GenerationChunk]:
-        """The one-at-a-time path: `model.generate`, token by token."""
         loaded = self._require()
-        inputs, answer = self._begin(loaded, request)
-        if cancel.is_set():
-            yield answer.last_chunk()
-            return
-        generate_kwargs = self._generate_kwargs(loaded, request, answer.budget)
-        cache = self._prefilled_prefix(loaded, request, inputs)
-        if cache is not None:
-            generate_kwargs["past_key_values"] = cache
-        token_stream = stream_tokens(
-            loaded.model,
-            inputs,
-            generate_kwargs,
-            cancel,
-            thread_name=f"generate-{self.physical_id}",
-        )
-        with contextlib.closing(token_stream) as tokens:
-            for token in tokens:
-                yield answer.chunk(token)
-        yield answer.last_chunk()
-
-    def _start_batched(
-        self,
-        batcher: ContinuousBatcher,
-        request: GenerationRequest,
-        cancel: threading.Event,
-        emit: Callable[[GenerationChunk], None],
-    ) -> Future[None]:
-        """The batched path: the batch loop hands this sequence's tokens over as steps end."""
-        loaded = self._require()
-        inputs, answer = self._begin(loaded, request)
-        done: Future[None] = Future()
-        if cancel.is_set():
-            emit(answer.last_chunk())
-            done.set_result(None)
-            return done
-
-        def on_tokens(tokens: list[int]) -> None:
-            for token in tokens:
-                emit(answer.chunk(token))
-
-        def ended(sequence: Future[None]) -> None:
-            error = sequence.exception()
-            if error is None:
-                try:
-                    emit(answer.last_chunk())
-                except BaseException as exc:  # the reader's side is gone
-                    error = exc
-            elif isinstance(error, BatchingFailed):
-                self._drop_failed_batcher(batcher, error)
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-        sampler = make_sampler(request.temperature, request.top_p, None, loaded.device)
-        try:
-            sequence = batcher.start(
-                inputs["input_ids"][0].tolist(), answer.budget, sampler, cancel, on_tokens
-            )
-        except BatchingFailed as exc:
-            self._drop_failed_batcher(batcher, exc)
-            raise
-        sequence.add_done_callback(ended)
-        return done
-
-    def _begin(self, loaded: _Loaded, request: GenerationRequest) -> tuple[Any, _Answer]:
-        """The request's encoded prompt (`check`'s, if it ran) and its answer, not yet begun.
-        Raises `BadRequest` for a prompt that does not fit the context."""
         inputs = self._encoded.take(request)
         if inputs is None:
             inputs = self._encode(loaded, self.render_prompt(request), request.images)
@@ -504,10 +367,49 @@ class TransformersChatRunner:
         budget = completion_budget(
             self.physical_id, self.context_length, prompt_tokens, request.max_tokens
         )
+        if cancel.is_set():
+            yield GenerationChunk(
+                finish_reason="stop", prompt_tokens=prompt_tokens, completion_tokens=0
+            )
+            return
         detokenizer = IncrementalDetokenizer(
             loaded.tokenizer, skip_special_tokens=not request.keep_special_tokens
         )
-        return inputs, _Answer(detokenizer, loaded.stop_token_ids, prompt_tokens, budget)
+        produced, last = 0, None
+        batcher = self._batcher
+        if batcher is not None and self.batches(request):
+            sampler = make_sampler(request.temperature, request.top_p, None, loaded.device)
+            token_stream: Iterator[int] = batcher.generate(
+                inputs["input_ids"][0].tolist(), budget, sampler, cancel
+            )
+        else:
+            generate_kwargs = self._generate_kwargs(loaded, request, budget)
+            cache = self._prefilled_prefix(loaded, request, inputs)
+            if cache is not None:
+                generate_kwargs["past_key_values"] = cache
+            token_stream = stream_tokens(
+                loaded.model,
+                inputs,
+                generate_kwargs,
+                cancel,
+                thread_name=f"generate-{self.physical_id}",
+            )
+        try:
+            with contextlib.closing(token_stream) as tokens:  # type: ignore[type-var]
+                for token in tokens:
+                    last = token
+                    produced += token not in loaded.stop_token_ids
+                    yield GenerationChunk(text=detokenizer.push([token]), token_ids=(token,))
+        except BatchingFailed as exc:
+            self._drop_failed_batcher(batcher, exc)
+            raise
+        hit_limit = produced >= budget and last not in loaded.stop_token_ids
+        yield GenerationChunk(
+            text=detokenizer.flush(),
+            finish_reason="length" if hit_limit else "stop",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=produced,
+        )
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from llmux.core.config import PhysicalModel, Registry
 from llmux.services.chat import ChatService
 from llmux.wire.chat import ChatCompletionRequest
 from llmux_policy.executor import Residency
-from runners.chat import GenerationChunk, GenerationRequest, PushingChatRunner
+from runners.chat import GenerationChunk, GenerationRequest
 from runners.transformers_llm import TransformersChatRunner
 from tests.tiny_models import build_tiny_qwen3, build_tiny_qwen35_vl
 
@@ -97,8 +97,7 @@ class ForwardCounter:
 
 
 def batch_loop_threads() -> list[threading.Thread]:
-    """The batch loops of tiny models, and their watchers."""
-    return [t for t in threading.enumerate() if t.name.startswith(("batch-tiny", "watch-batch-"))]
+    return [t for t in threading.enumerate() if t.name.startswith("batch-tiny")]
 
 
 # --- the runner ------------------------------------------------------------------------------
@@ -175,48 +174,6 @@ def test_cancelling_one_sequence_leaves_the_others_finishing(
     assert other_chunks[-1].finish_reason == "length"
 
 
-def test_a_batched_answer_is_handed_over_from_the_batch_loop_and_no_thread_waits_for_it(
-    batching: TransformersChatRunner,
-) -> None:
-    """Each step's token goes from the batch loop straight to `emit`: no thread of the
-    request's own waits on a queue for it (one hand-over per token, as llama.cpp's runner)."""
-    assert isinstance(batching, PushingChatRunner)
-    request = ask(PROMPTS[0], max_tokens=12)
-    batching.check(request)
-    threads_before = set(threading.enumerate())
-    emitted: list[tuple[str, GenerationChunk]] = []
-    running = batching.start(
-        request, threading.Event(), lambda c: emitted.append((threading.current_thread().name, c))
-    )
-    running.result(timeout=60)
-    assert {name for name, _ in emitted} == {"batch-tiny-qwen3"}
-    assert emitted[-1][1].finish_reason == "length" and emitted[-1][1].completion_tokens == 12
-    assert set(threading.enumerate()) <= threads_before
-
-
-def test_a_reader_that_fails_cancels_its_sequence_and_not_the_others(
-    batching: TransformersChatRunner, one_at_a_time: TransformersChatRunner
-) -> None:
-    """`emit` raising (the event loop gone) stops that sequence, whose Future carries the error;
-    the batch goes on for the others."""
-    seen: list[GenerationChunk] = []
-
-    def broken(chunk: GenerationChunk) -> None:
-        seen.append(chunk)
-        if len(seen) == 3:
-            raise RuntimeError("Event loop is closed")
-
-    failing = batching.start(ask(PROMPTS[0], max_tokens=200), threading.Event(), broken)
-    other = batching.generate(ask(PROMPTS[1], max_tokens=30), threading.Event())
-    with pytest.raises(RuntimeError, match="Event loop is closed"):
-        failing.result(timeout=60)
-    assert len(seen) == 3  # nothing was handed over after the error
-    assert [t for c in other for t in c.token_ids] == run(
-        one_at_a_time, ask(PROMPTS[1], max_tokens=30)
-    )[0]
-    assert batching.batch_size == 4  # the batch loop serves on
-
-
 def test_sampled_unseeded_requests_batch_and_seeded_ones_run_alone(
     batching: TransformersChatRunner,
 ) -> None:
@@ -269,7 +226,7 @@ def test_park_and_unload_stop_the_batch_loop(qwen3_dir: Path) -> None:
     before = len(batch_loop_threads())
     runner = TransformersChatRunner("tiny-qwen3", spec(max_batch_size=2), qwen3_dir)
     runner.load()
-    assert runner.batch_size == 2 and len(batch_loop_threads()) == before + 2
+    assert runner.batch_size == 2 and len(batch_loop_threads()) == before + 1
     runner.park()
     assert runner.batch_size == 1 and len(batch_loop_threads()) == before
     runner.unpark()
@@ -444,30 +401,20 @@ class ActiveCountingRunner(TransformersChatRunner):
     active = 0
     most = 0
     active_at_unload: list[int] = []  # noqa: RUF012  (class-wide, like the counts)
-    counting = threading.Lock()
 
     def unload(self) -> None:
         type(self).active_at_unload.append(type(self).active)
         super().unload()
 
-    def start(
-        self,
-        request: GenerationRequest,
-        cancel: threading.Event,
-        emit: Callable[[GenerationChunk], None],
-    ) -> Future[None]:
-        cls = type(self)
-        with cls.counting:
-            cls.active += 1
-            cls.most = max(cls.most, cls.active)
-
-        def ended(_: Future[None]) -> None:
-            with cls.counting:
-                cls.active -= 1
-
-        running = super().start(request, cancel, emit)
-        running.add_done_callback(ended)
-        return running
+    def generate(
+        self, request: GenerationRequest, cancel: threading.Event
+    ) -> Iterator[GenerationChunk]:
+        type(self).active += 1
+        type(self).most = max(type(self).most, type(self).active)
+        try:
+            yield from super().generate(request, cancel)
+        finally:
+            type(self).active -= 1
 
 
 @pytest.fixture
