@@ -82,11 +82,29 @@ def write_config(config_dir: Path, models_yaml: str) -> Path:
     return config_dir
 
 
-def gemma_entry(gb: float = 0.5, *, tools: bool = True, backend: str = "llamacpp") -> str:
-    """A physical-model entry for the real Gemma 3 270M GGUF (laid out by `make setup`)."""
+def gemma_transformers() -> Path:
+    """The Gemma GGUF as a transformers checkpoint, dequantized once and kept under build/ (as
+    the bench keeps its Qwen): transformers dequantizes a GGUF in Python at every load, about
+    80 s here, where the float32 checkpoint loads in seconds. Loading the GGUF itself is
+    tested in tests/test_transformers_chat_runner.py."""
+    from bench.qwen_transformers import convert_gguf
+
+    return convert_gguf(GEMMA, REPO / "build" / "gemma3-270m-transformers")
+
+
+def gemma_entry(
+    gb: float = 0.5, *, tools: bool = True, backend: str = "llamacpp", converted: bool = False
+) -> str:
+    """A physical-model entry for the real Gemma 3 270M GGUF (laid out by `make setup`), or
+    with `converted`, its transformers checkpoint (`gemma_transformers`)."""
+    where = (
+        f"    path: {gemma_transformers()}\n"
+        if converted
+        else f"    path: {GEMMA.parent}\n    model_file: {GEMMA.name}\n"
+    )
     return (
-        f"    type: llm\n    backend: {backend}\n    path: {GEMMA.parent}\n"
-        f"    model_file: {GEMMA.name}\n    estimated_vram_gb: {gb}\n"
+        f"    type: llm\n    backend: {backend}\n{where}"
+        f"    estimated_vram_gb: {gb}\n"
         f"    supports_tools: {str(tools).lower()}\n    parser: plain\n"
         f"    context_length: 2048\n    chat_template: templates/gemma3.jinja\n"
     )

@@ -1,6 +1,6 @@
 """/v1/chat/completions through the openai SDK, with the real Gemma 3 270M GGUF loaded by each
-chat backend in turn (llama.cpp, and transformers from the same file), plus a tiny Qwen3.5 vision
-model for images.
+chat backend in turn (llama.cpp, and transformers from the same weights, dequantized once), plus
+a tiny Qwen3.5 vision model for images.
 
 The model is a small base model, so its words are not asserted; what is asserted is everything
 the server promises around them: shapes, streaming order, usage, limits, stops, seeds, JSON
@@ -46,9 +46,11 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     from llmux.app import create_app
     from llmux.settings import Settings
 
+    # transformers from the dequantized checkpoint: the same weights without two 80 s loads
+    converted = request.param == "transformers"
     registry = REGISTRY.format(
-        gemma=gemma_entry(tools=True, backend=request.param),
-        gemma_no_tools=gemma_entry(tools=False, backend=request.param),
+        gemma=gemma_entry(tools=True, backend=request.param, converted=converted),
+        gemma_no_tools=gemma_entry(tools=False, backend=request.param, converted=converted),
     )
     config = write_config(tmp_path_factory.mktemp("chat") / "config", registry)
     return create_app(Settings(config_dir=config, models_dir=Path("/nonexistent")))
