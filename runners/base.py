@@ -314,10 +314,10 @@ def pin_malloc_thresholds() -> None:
     arena resident for good, and with backends taking turns in one process the idle RSS
     ratcheted up by 1-6 MB per load: an allocator effect, not a leak (README, "Reliability").
 
-    The mmap threshold is pinned at 32 MiB, not lower: below it, every tensor of a CPU forward
-    pass at or above the threshold was mapped, page-faulted, zeroed and unmapped at each step
-    (with 128 KiB: 5-25 % of a 0.5B model's compute, and 58 ms more to its first token).
-    Idempotent; a no-op off glibc."""
+    The mmap threshold is pinned at 32 MiB, above what a CPU forward pass allocates at a step.
+    Pinned at 128 KiB, as it first was, every tensor of that size or more was mapped,
+    page-faulted, zeroed and unmapped at each operation: 5-25 % of a 0.5B model's compute, and
+    58 ms more to its first token. Idempotent; a no-op off glibc."""
     libc = _glibc()
     if libc is not None:
         libc.mallopt(M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD)
