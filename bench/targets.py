@@ -112,6 +112,12 @@ TARGETS = (
 )
 
 
+def _shown(value: float, limit: float) -> str:
+    """Two decimals, or four where two would print the limit itself (0.9782 against 0.98: a
+    FAIL line must not read as if it met the target)."""
+    return f"{value:.4f}" if f"{value:.2f}" == f"{limit:.2f}" and value != limit else f"{value:.2f}"
+
+
 def evaluate(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each target with the run's value and its status; `sections` as in the JSON report."""
     verdicts = []
@@ -120,7 +126,7 @@ def evaluate(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         value = figures.get(target.figure)
         value = float(value) if isinstance(value, int | float) else None
         status = target.judge(value)
-        shown = "not measured" if value is None else f"{value:.2f}{target.unit}"
+        shown = "not measured" if value is None else f"{_shown(value, target.limit)}{target.unit}"
         verdicts.append(
             {
                 "name": target.name,

@@ -94,6 +94,14 @@ def test_targets_pass_fail_or_unmeasured() -> None:
     assert verdicts[("openwebui", "second_over_first_ttft")]["status"] == "UNMEASURED"
 
 
+def test_a_value_just_under_the_line_does_not_print_as_the_line() -> None:
+    """0.9782 printed with two decimals read "0.98x (target >= 0.98x)" on a FAIL line."""
+    sections = {"gateway_llamacpp": {"figures": {"llmux_tok_s_ratio": 0.9782}}}
+    verdicts = {(v["section"], v["figure"]): v for v in evaluate(sections)}
+    line = verdicts[("gateway_llamacpp", "llmux_tok_s_ratio")]["line"]
+    assert line.startswith("FAIL") and "0.9782x (target >= 0.98x)" in line
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
