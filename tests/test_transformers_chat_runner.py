@@ -365,7 +365,7 @@ def test_qwen_greedy_ignores_the_checkpoints_generation_config(
     loaded = qwen._require()
     ids = loaded.tokenizer(
         qwen.render_prompt(request), add_special_tokens=False, return_tensors="pt"
-    ).input_ids
+    ).input_ids.to(loaded.model.device)
     expected: list[int] = []
     with torch.no_grad():
         for _ in range(6):
@@ -373,7 +373,7 @@ def test_qwen_greedy_ignores_the_checkpoints_generation_config(
             expected.append(token)
             if token in loaded.stop_token_ids:
                 break
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
     hostile = tmp_path / "hostile"
     shutil.copytree(qwen_dir, hostile)
     (hostile / "generation_config.json").write_text(
