@@ -74,6 +74,7 @@ class ContinuousBatcher:
         from transformers.generation.continuous_batching.cb_logits_processors import (
             ContinuousBatchingLogitsProcessorList,
         )
+        from transformers.generation.continuous_batching.utils import stream_context
 
         self.batch_size = batch_size
         self._stop_token_ids = list(stop_token_ids)
@@ -105,12 +106,24 @@ class ContinuousBatcher:
         manager.logit_processor = processors
         manager.output_router = self._router
         manager.warmup()  # allocates the cache now (no graphs to capture without CUDA graphs)
+        # The loop writes each step's inputs on its thread's current stream and runs the forward
+        # pass on the manager's compute stream, and in sync mode nothing orders the two. With
+        # any other work queued on the default stream (another model, a park or an unpark), the
+        # forward pass read stale inputs: on an H200, every batched answer parted from its
+        # one-at-a-time tokens within a few steps. On the compute stream, both are in order.
+        compute_stream = manager.batch_processor.inputs_and_outputs.compute_stream
+        loop = manager._run_generation_loop
+
+        def run_loop() -> None:
+            with stream_context(compute_stream):
+                loop()
+
         # manager.start(), but on a daemon thread: the manager's own is not one, and a process
         # that exits without unloading the model would wait for it forever. The loop is still
         # stopped at exit, before the interpreter finalizes: killed inside torch, it aborts.
         manager.background_thread_status.clear()
         manager._generation_thread = threading.Thread(
-            target=manager._run_generation_loop, name=thread_name, daemon=True
+            target=run_loop, name=thread_name, daemon=True
         )
         manager._generation_thread.start()
         self._manager = manager
