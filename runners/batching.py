@@ -16,7 +16,9 @@ manager for one loaded model:
   computed for the same tokens is reused, not recomputed, while the cache has room to keep it.
   That is what spares the second message of a tool-heavy chat the prefill of its tool block.
 - The cache is sized here (`cache_tokens`), never from "free memory": the manager's default
-  takes most of what the device has free, which belongs to the other resident models.
+  takes most of what the device has free, which belongs to the other resident models. A
+  sequence waits for room in it before it starts (`CacheRoom`): the manager's own answer to a
+  full cache, evicting a running sequence to prefill it again, gave wrong tokens on a GPU.
 
 Threading: `generate` blocks on the caller's thread, waiting on its queue; the compute happens
 on the manager's loop thread. `close` stops that thread (a sequence still running gets an error)
@@ -106,6 +108,7 @@ class ContinuousBatcher:
         manager.logit_processor = processors
         manager.output_router = self._router
         manager.warmup()  # allocates the cache now (no graphs to capture without CUDA graphs)
+        self._room = CacheRoom(int(manager.batch_processor.cache.num_blocks))
         # The loop writes each step's inputs on its thread's current stream and runs the forward
         # pass on the manager's compute stream, and in sync mode nothing orders the two. With
         # any other work queued on the default stream (another model, a park or an unpark), the
@@ -165,8 +168,24 @@ class ContinuousBatcher:
         cancel: threading.Event,
     ) -> Iterator[int]:
         """Each new token id of one sequence as the loop makes it (the last may be a stop token).
-        Ends within one step once `cancel` is set, and frees the sequence's cache slot.
+        Waits first for the cache pages its prompt and answer can fill (`CacheRoom`). Ends within
+        one step once `cancel` is set, and frees the sequence's cache slot and pages.
         Raises `BatchingFailed` if the loop refuses or fails the sequence."""
+        pages = -(-(len(input_ids) + max_new_tokens) // PAGE_TOKENS)
+        if not self._room.take(pages, cancel, self.failure):
+            return  # cancelled while it waited for room: nothing was sent to the loop
+        try:
+            yield from self._generate(input_ids, max_new_tokens, sampler, cancel)
+        finally:
+            self._room.give(pages)
+
+    def _generate(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        sampler: LogitsProcessor | None,
+        cancel: threading.Event,
+    ) -> Iterator[int]:
         request_id = f"llmux-{next(self._ids)}"
         key = int(request_id.rsplit("-", 1)[1])
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -215,6 +234,51 @@ class ContinuousBatcher:
         if manager.is_running():
             manager.stop(block=True, timeout=30, hard_stop=True)  # any sequence left fails
         manager.batch_processor = None
+
+
+class CacheRoom:
+    """The batch cache's pages, handed out whole: a sequence enters the loop only once the pages
+    its prompt and answer can fill are free, in the order the sequences asked, so the manager
+    never runs out of pages mid-answer. Out of pages, transformers 5.23 evicts a running sequence
+    and prefills it again later; with prefix sharing on, such a sequence went on with wrong tokens
+    on an H200 (the token it chose was 3.5 logits below the one-at-a-time argmax)."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self._free = pages
+        self._waiting: list[object] = []
+        self._changed = threading.Condition()
+
+    def take(self, pages: int, cancel: threading.Event, failure: Any) -> bool:
+        """Block until `pages` (at most the whole cache) are free and every earlier caller has
+        had its own, then take them; False, taking nothing, once `cancel` is set. Raises
+        `BatchingFailed` if `failure()` says the loop is gone."""
+        pages = min(pages, self.pages)
+        turn = object()
+        with self._changed:
+            self._waiting.append(turn)
+            try:
+                while self._waiting[0] is not turn or self._free < pages:
+                    if cancel.is_set():
+                        return False
+                    reason = failure()
+                    if reason is not None:
+                        raise BatchingFailed(f"the batch loop stopped: {reason}")
+                    self._changed.wait(CANCEL_POLL_S)
+                self._free -= pages
+                return True
+            finally:
+                self._waiting.remove(turn)
+                self._changed.notify_all()
+
+    def give(self, pages: int) -> None:
+        with self._changed:
+            self._free += min(pages, self.pages)
+            self._changed.notify_all()
+
+    def free(self) -> int:
+        with self._changed:
+            return self._free
 
 
 def _per_sequence_router() -> Any:

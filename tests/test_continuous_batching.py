@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from llmux.core.config import PhysicalModel, Registry
 from llmux.services.chat import ChatService
 from llmux.wire.chat import ChatCompletionRequest
 from llmux_policy.executor import Residency
+from runners.batching import BatchingFailed, CacheRoom
 from runners.chat import GenerationChunk, GenerationRequest
 from runners.transformers_llm import TransformersChatRunner
 from tests.tiny_models import build_tiny_qwen3, build_tiny_qwen35_vl
@@ -119,10 +121,30 @@ def test_concurrent_generations_give_the_one_at_a_time_greedy_tokens_and_usage(
 
 
 def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
-    qwen3_dir: Path, one_at_a_time: TransformersChatRunner
+    qwen3_dir: Path, one_at_a_time: TransformersChatRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cache of two contexts (256 tokens here) and four sequences of about 116 tokens each:
-    some wait for room (or are recomputed), and every answer is still the one-at-a-time one."""
+    """A cache of two contexts (256 tokens, four pages here) and four sequences of about 116
+    tokens (two pages) each: two wait for room, none is evicted mid-answer to be prefilled again
+    (on a GPU, with prefix sharing on, such a sequence went on with wrong tokens), and every
+    answer is the one-at-a-time one."""
+    from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    evicted: list[str] = []
+    prefill_again = RequestState.create_equivalent_initial_request
+    to_host = OffloadingManager._offload_to_cpu
+
+    def spy_prefill_again(state: Any) -> Any:
+        evicted.append(state.request_id)
+        return prefill_again(state)
+
+    def spy_to_host(manager: Any, *args: Any) -> Any:
+        moved = to_host(manager, *args)
+        evicted.extend(moved)
+        return moved
+
+    monkeypatch.setattr(RequestState, "create_equivalent_initial_request", spy_prefill_again)
+    monkeypatch.setattr(OffloadingManager, "_offload_to_cpu", spy_to_host)
     runner = TransformersChatRunner(
         "tiny-qwen3", spec(max_batch_size=4, context_length=128), qwen3_dir
     )
@@ -134,7 +156,67 @@ def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
         assert runner.batch_size == 4  # the loop survived
     finally:
         runner.unload()
+    assert evicted == []
     assert [t for t, _ in together] == [run(one_at_a_time, r)[0] for r in requests]
+
+
+# --- the cache's room --------------------------------------------------------------------------
+
+
+def never_failed() -> None:
+    return None
+
+
+def test_cache_room_admits_in_the_order_asked_and_a_small_sequence_does_not_jump_the_queue() -> (
+    None
+):
+    room = CacheRoom(4)
+    assert room.take(3, threading.Event(), never_failed)
+    order: list[str] = []
+
+    def wait(name: str, pages: int) -> None:
+        assert room.take(pages, threading.Event(), never_failed)
+        order.append(name)
+
+    big = threading.Thread(target=wait, args=("big", 4))
+    big.start()
+    time.sleep(0.2)  # "big" asks first and waits for all four pages
+    small = threading.Thread(target=wait, args=("small", 1))
+    small.start()
+    time.sleep(0.2)
+    assert order == [], "one page is free, but 'small' asked after 'big'"
+    room.give(3)
+    big.join(5)
+    assert order == ["big"]
+    room.give(4)
+    small.join(5)
+    assert order == ["big", "small"] and room.free() == 3
+
+
+def test_a_sequence_cancelled_while_it_waits_for_room_takes_nothing() -> None:
+    room = CacheRoom(2)
+    assert room.take(2, threading.Event(), never_failed)
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    assert not room.take(1, cancel, never_failed)
+    room.give(2)
+    assert room.free() == 2
+
+
+def test_a_sequence_waiting_for_room_hears_that_the_loop_is_gone() -> None:
+    room = CacheRoom(2)
+    assert room.take(2, threading.Event(), never_failed)
+    with pytest.raises(BatchingFailed, match="out of memory"):
+        room.take(1, threading.Event(), lambda: "out of memory")
+    assert room.free() == 0
+
+
+def test_a_sequence_longer_than_the_cache_waits_for_all_of_it() -> None:
+    room = CacheRoom(4)
+    assert room.take(9, threading.Event(), never_failed)
+    assert room.free() == 0
+    room.give(9)
+    assert room.free() == 4
 
 
 def test_concurrent_generations_share_forward_passes(batching: TransformersChatRunner) -> None:
