@@ -326,22 +326,43 @@ def _park_pinned(module: Any) -> bool:
     if total == 0:
         return False
     block = torch.empty(total, dtype=torch.uint8)
-    cudart: Any = torch.cuda.cudart()
-    if int(cudart.cudaHostRegister(block.data_ptr(), total, 0)) != 0:
+    if not _host_register(block.data_ptr(), total):
         return False
     copies = []
-    for tensor, offset in zip(tensors, offsets, strict=True):
-        size = tensor.numel() * tensor.element_size()
-        copy = block[offset : offset + size].view(tensor.dtype).view(tensor.shape)
-        copy.copy_(tensor.data, non_blocking=True)
-        copies.append(copy)
-    torch.cuda.synchronize()
+    try:
+        for tensor, offset in zip(tensors, offsets, strict=True):
+            size = tensor.numel() * tensor.element_size()
+            copy = block[offset : offset + size].view(tensor.dtype).view(tensor.shape)
+            copy.copy_(tensor.data, non_blocking=True)
+            copies.append(copy)
+        torch.cuda.synchronize()
+    except BaseException:
+        _unlock([block])  # never free a block the driver still has locked
+        raise
     for tensor, copy in zip(tensors, copies, strict=True):
         tensor.data = copy
     unlock = weakref.finalize(module, _unlock, [block])
     unlock.atexit = False  # the process's exit frees it anyway
     _PINNED[module] = unlock
     return True
+
+
+def _host_register(pointer: int, size: int) -> bool:
+    """cudaHostRegister the block (portable: pinned for every device's context), on a thread of
+    its own. A refusal leaves its error as the calling thread's last CUDA error, and torch's
+    check after that thread's next kernel launch raised it as the kernel's own (seen on an
+    H200); the last error is per host thread, so here it goes with the helper."""
+    import torch
+
+    cudart: Any = torch.cuda.cudart()
+    outcome: list[int] = []
+    helper = threading.Thread(
+        target=lambda: outcome.append(int(cudart.cudaHostRegister(pointer, size, 1))),
+        name="host-register",
+    )
+    helper.start()
+    helper.join()
+    return outcome == [0]
 
 
 def _unlock(blocks: list[Any]) -> None:

@@ -150,3 +150,36 @@ def test_a_parked_model_locks_its_own_size_of_host_memory_and_hands_it_back() ->
     settle_host_memory()
     assert all(p.is_cuda for p in layers.parameters())
     assert resident_bytes() - before <= 0.1 * size
+
+
+def test_a_host_that_refuses_to_lock_memory_parks_unpinned_and_leaves_no_cuda_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """cudaHostRegister refused (here: the range is already registered): the park falls back to
+    ordinary host memory, and the refusal's error does not surface at the next kernel launch."""
+    import torch
+
+    real = torch.cuda.cudart()
+
+    class Refusing:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> Any:
+            assert int(real.cudaHostRegister(ptr, size, flags)) == 0
+            refused = real.cudaHostRegister(ptr, size, flags)  # already registered: an error
+            real.cudaHostUnregister(ptr)
+            return refused
+
+    layers = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)).cuda()
+    before = [p.detach().clone() for p in layers.parameters()]
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Refusing())
+    park_torch_modules("synthetic", torch.device("cuda"), layers)
+    assert all(not p.is_cuda and not p.is_pinned() for p in layers.parameters())
+    torch.ones(4, device="cuda").add_(1)  # a kernel launch on the same thread
+    torch.cuda.synchronize()
+
+    unpark_torch_modules("synthetic", torch.device("cuda"), layers)
+    assert all(
+        p.is_cuda and torch.equal(p, b) for p, b in zip(layers.parameters(), before, strict=True)
+    )
