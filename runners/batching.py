@@ -33,7 +33,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
@@ -249,7 +249,7 @@ class CacheRoom:
         self._waiting: list[object] = []
         self._changed = threading.Condition()
 
-    def take(self, pages: int, cancel: threading.Event, failure: Any) -> bool:
+    def take(self, pages: int, cancel: threading.Event, failure: Callable[[], str | None]) -> bool:
         """Block until `pages` (at most the whole cache) are free and every earlier caller has
         had its own, then take them; False, taking nothing, once `cancel` is set. Raises
         `BatchingFailed` if `failure()` says the loop is gone."""
