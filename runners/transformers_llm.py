@@ -93,8 +93,9 @@ END_OF_TURN_TOKENS = (
 )
 # Without `max_batch_size` in models.yaml: generations batched together on a model that can batch.
 DEFAULT_MAX_BATCH_SIZE = 8
-# The batch cache holds this many full contexts (prompt plus answer) of tokens; sequences that
-# do not fit wait for room. Pages no sequence uses stay there for prefix reuse until needed.
+# Without `batch_cache_contexts`: the batch cache holds this many full contexts (prompt plus
+# answer) of tokens; sequences that do not fit wait for room (`runners.batching.CacheRoom`).
+# Pages no sequence uses stay there for prefix reuse until needed.
 BATCH_CACHE_CONTEXTS = 2
 # Prompts encoded by `check`, kept for the `generate` of the same request object.
 ENCODED_KEPT = 64
@@ -431,7 +432,8 @@ class TransformersChatRunner:
                     loaded.model,
                     stop_token_ids=loaded.stop_token_ids,
                     batch_size=size,
-                    cache_tokens=BATCH_CACHE_CONTEXTS * self.context_length,
+                    cache_tokens=(self.spec.batch_cache_contexts or BATCH_CACHE_CONTEXTS)
+                    * self.context_length,
                     share_prefixes=self.spec.prefix_cache_mb != 0,
                     thread_name=f"batch-{self.physical_id}",
                 )

@@ -160,6 +160,29 @@ def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
     assert [t for t, _ in together] == [run(one_at_a_time, r)[0] for r in requests]
 
 
+def test_a_batch_cache_of_more_contexts_runs_more_long_answers_together(qwen3_dir: Path) -> None:
+    """The four sequences of two pages each: a cache of two 128-token contexts (four pages) runs
+    two at a time, one of four contexts runs all four in the same forward passes."""
+    requests = [ask(p, max_tokens=100) for p in PROMPTS]
+    passes = {}
+    for contexts in (2, 4):
+        runner = TransformersChatRunner(
+            "tiny-qwen3",
+            spec(max_batch_size=4, context_length=128, batch_cache_contexts=contexts),
+            qwen3_dir,
+        )
+        runner.load()
+        counter = ForwardCounter(runner)
+        try:
+            with ThreadPoolExecutor(len(requests)) as pool:
+                list(pool.map(run, [runner] * len(requests), requests))
+        finally:
+            counter.remove()
+            runner.unload()
+        passes[contexts] = counter.calls
+    assert passes[4] < 0.75 * passes[2], passes
+
+
 # --- the cache's room --------------------------------------------------------------------------
 
 

@@ -148,6 +148,16 @@ class PhysicalModel(StrictModel):
         "model whose layers transformers can page (full or sliding attention, sdpa or flash); "
         "others always generate one at a time.",
     )
+    batch_cache_contexts: int | None = Field(
+        None,
+        gt=0,
+        description="transformers llm that batches: the batch cache's size, in full contexts "
+        "(prompt plus answer) of tokens; default 2. A request joins the batch once its prompt "
+        "and max_tokens (the rest of the context when it sets none) fit beside the running "
+        "ones, so this is how many requests without max_tokens run together. Each context "
+        "costs the model's KV bytes per token times context_length of GPU memory, counted in "
+        "its measured footprint.",
+    )
 
     @property
     def footprint_bytes(self) -> int:
