@@ -70,6 +70,17 @@ def real_models(*paths: Path) -> list[pytest.MarkDecorator]:
     ]
 
 
+def gpu_only() -> list[pytest.MarkDecorator]:
+    """Marks for a module that needs a CUDA GPU: `gpu`, and skipped (saying so) without one."""
+    try:
+        import torch
+
+        cuda = bool(torch.cuda.is_available())
+    except ImportError:
+        cuda = False
+    return [pytest.mark.gpu, pytest.mark.skipif(not cuda, reason="needs a CUDA GPU")]
+
+
 def write_config(config_dir: Path, models_yaml: str) -> Path:
     """A config dir with `models_yaml`, the gemma3 template and the test key."""
     config_dir.mkdir(parents=True, exist_ok=True)

@@ -13,26 +13,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-
 from llmux.core.config import PhysicalModel
 from runners.chat import GenerationRequest
 from runners.transformers_llm import TransformersChatRunner
+from tests.conftest import gpu_only
 from tests.tiny_models import build_tiny_qwen3
 
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = gpu_only()
 
 PROMPTS = ["Hello world", "What colour is this image?", "get_weather Berlin", "tools"]
 

@@ -24,21 +24,10 @@ from runners.base import (
 )
 from runners.chat import GenerationRequest
 from runners.transformers_llm import TransformersChatRunner
+from tests.conftest import gpu_only
 from tests.tiny_models import build_tiny_qwen35_vl
 
-
-def cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU"),
-]
+pytestmark = gpu_only()
 
 GIB = 1024**3
 
