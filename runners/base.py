@@ -244,6 +244,7 @@ def park_torch_modules(physical_id: str, device: Any, *modules: Any) -> None:
     cannot be swapped out, hence the margin. Elsewhere they go to ordinary memory."""
     if not str(device).startswith("cuda"):
         return
+    settle_host_memory()  # memory an unpark is still unlocking counts as available
     needed = torch_bytes(*modules)
     available = host_available_bytes()
     if available is not None and needed > available:
@@ -291,7 +292,8 @@ def unpark_torch_modules(physical_id: str, device: Any, *modules: Any) -> None:
             name=f"unpin-{physical_id}",
             daemon=True,
         )
-        _RELEASES[:] = [*(r for r in _RELEASES if r.is_alive()), release]
+        with _RELEASES_LOCK:
+            _RELEASES[:] = [*(r for r in _RELEASES if r.is_alive()), release]
         release.start()
 
 
@@ -300,6 +302,7 @@ def unpark_torch_modules(physical_id: str, device: Any, *modules: Any) -> None:
 _PINNED: weakref.WeakKeyDictionary[Any, weakref.finalize[Any, Any]] = weakref.WeakKeyDictionary()
 # Threads handing unparked modules' page-locked memory back (`settle_host_memory` waits for them).
 _RELEASES: list[threading.Thread] = []
+_RELEASES_LOCK = threading.Lock()
 # Each tensor's offset in a parked module's host block is a multiple of this (any dtype's size).
 _HOST_ALIGN = 64
 
@@ -337,6 +340,8 @@ def _park_pinned(module: Any) -> bool:
             copies.append(copy)
         torch.cuda.synchronize()
     except BaseException:
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()  # copies already queued into the block finish first
         _unlock([block])  # never free a block the driver still has locked
         raise
     for tensor, copy in zip(tensors, copies, strict=True):
@@ -378,8 +383,11 @@ def _unlock(blocks: list[Any]) -> None:
 
 def settle_host_memory(timeout_s: float = 60) -> None:
     """Wait for the page-locked memory of the models unparked so far to be handed back."""
-    while _RELEASES:
-        _RELEASES.pop().join(timeout_s)
+    with _RELEASES_LOCK:
+        pending = _RELEASES[:]
+        _RELEASES.clear()
+    for release in pending:
+        release.join(timeout_s)
 
 
 # glibc's mallopt parameters, and the values they are pinned at. The mmap threshold is glibc's
