@@ -16,9 +16,10 @@ manager for one loaded model:
   computed for the same tokens is reused, not recomputed, while the cache has room to keep it.
   That is what spares the second message of a tool-heavy chat the prefill of its tool block.
 - The cache is sized here (`cache_tokens`), never from "free memory": the manager's default
-  takes most of what the device has free, which belongs to the other resident models. A
-  sequence waits for room in it before it starts (`CacheRoom`): the manager's own answer to a
-  full cache, evicting a running sequence to prefill it again, gave wrong tokens on a GPU.
+  takes most of what the device has free, which belongs to the other resident models. On a
+  model whose layers are all full attention, a sequence waits for room in it before it starts
+  (`CacheRoom`): the manager's own answer to a full cache, evicting a running sequence to
+  prefill it again, gave wrong tokens on a GPU with prefix sharing on.
 
 Threading: `generate` blocks on the caller's thread, waiting on its queue; the compute happens
 on the manager's loop thread. `close` stops that thread (a sequence still running gets an error)
@@ -73,6 +74,9 @@ class ContinuousBatcher:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.generation.continuous_batching.cache_allocators import (
+            FullAttentionCacheAllocator,
+        )
         from transformers.generation.continuous_batching.cb_logits_processors import (
             ContinuousBatchingLogitsProcessorList,
         )
@@ -108,7 +112,17 @@ class ContinuousBatcher:
         manager.logit_processor = processors
         manager.output_router = self._router
         manager.warmup()  # allocates the cache now (no graphs to capture without CUDA graphs)
-        self._room = CacheRoom(int(manager.batch_processor.cache.num_blocks))
+        # Pages are reserved where they can be counted exactly: a cache of full-attention layers
+        # only, one allocator whose blocks are whole-model pages (and the only kind that shares
+        # prefixes, where the recompute went wrong). With sliding-window layers, transformers
+        # splits its sectors between two allocators; there it keeps its own recompute, which
+        # gave the one-at-a-time tokens without prefix sharing.
+        cache = manager.batch_processor.cache
+        self._room: CacheRoom | None = (
+            CacheRoom(int(cache.num_blocks))
+            if set(cache.cache_allocators) == {FullAttentionCacheAllocator.layer_type}
+            else None
+        )
         # The loop writes each step's inputs on its thread's current stream and runs the forward
         # pass on the manager's compute stream, and in sync mode nothing orders the two. With
         # any other work queued on the default stream (another model, a park or an unpark), the
@@ -168,16 +182,21 @@ class ContinuousBatcher:
         cancel: threading.Event,
     ) -> Iterator[int]:
         """Each new token id of one sequence as the loop makes it (the last may be a stop token).
-        Waits first for the cache pages its prompt and answer can fill (`CacheRoom`). Ends within
-        one step once `cancel` is set, and frees the sequence's cache slot and pages.
+        On a model whose layers are all full attention, waits first for the cache pages its
+        prompt and answer can fill (`CacheRoom`). Ends within one step once `cancel` is set,
+        and frees the sequence's cache slot and pages.
         Raises `BatchingFailed` if the loop refuses or fails the sequence."""
+        room = self._room
+        if room is None:
+            yield from self._generate(input_ids, max_new_tokens, sampler, cancel)
+            return
         pages = -(-(len(input_ids) + max_new_tokens) // PAGE_TOKENS)
-        if not self._room.take(pages, cancel, self.failure):
+        if not room.take(pages, cancel, self.failure):
             return  # cancelled while it waited for room: nothing was sent to the loop
         try:
             yield from self._generate(input_ids, max_new_tokens, sampler, cancel)
         finally:
-            self._room.give(pages)
+            room.give(pages)
 
     def _generate(
         self,

@@ -67,6 +67,7 @@ def test_batched_answers_hold_while_other_work_fills_the_default_stream(tmp_path
             torch.cuda.synchronize()
 
     batching = runner_for(tmp_path, 4)
+    assert batching.batch_size == 4  # batched, not quietly one at a time
     side = threading.Thread(target=other_model, daemon=True)
     side.start()
     try:

@@ -110,6 +110,19 @@ def test_wrong_type_names_entry_and_field(tmp_path: Path) -> None:
     assert "physical_models.small.estimated_vram_gb" in error_for(tmp_path, data)
 
 
+def test_a_batch_cache_of_fewer_than_two_contexts_is_refused(tmp_path: Path) -> None:
+    """With sliding-window layers, one context's pages can hold less than one full-length
+    request, and a lone request that cannot fit stops transformers' batch loop."""
+    data = valid()
+    data["physical_models"]["small"].update(backend="transformers", model_id="org/small")
+    data["physical_models"]["small"].pop("model_file")
+    data["physical_models"]["small"]["batch_cache_contexts"] = 1
+    assert "physical_models.small.batch_cache_contexts" in error_for(tmp_path, data)
+    data["physical_models"]["small"]["batch_cache_contexts"] = 3
+    physical = load_registry(write(tmp_path, data)).physical_models["small"]
+    assert physical.batch_cache_contexts == 3
+
+
 def test_virtual_pointing_at_missing_physical(tmp_path: Path) -> None:
     data = valid()
     data["virtual_models"]["Ghost"] = {"physical": "nowhere"}

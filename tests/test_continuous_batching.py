@@ -120,13 +120,9 @@ def test_concurrent_generations_give_the_one_at_a_time_greedy_tokens_and_usage(
     assert [u[2] for u in usage] == [8, 12, 16, 20]  # each its own max_tokens: "length"
 
 
-def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
-    qwen3_dir: Path, one_at_a_time: TransformersChatRunner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A cache of two contexts (256 tokens, four pages here) and four sequences of about 116
-    tokens (two pages) each: two wait for room, none is evicted mid-answer to be prefilled again
-    (on a GPU, with prefix sharing on, such a sequence went on with wrong tokens), and every
-    answer is the one-at-a-time one."""
+def spy_on_evictions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the running sequences transformers evicts from a full batch cache (to prefill
+    them again, or to host memory), as it evicts them."""
     from transformers.generation.continuous_batching.offloading_manager import OffloadingManager
     from transformers.generation.continuous_batching.requests import RequestState
 
@@ -145,6 +141,17 @@ def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
 
     monkeypatch.setattr(RequestState, "create_equivalent_initial_request", spy_prefill_again)
     monkeypatch.setattr(OffloadingManager, "_offload_to_cpu", spy_to_host)
+    return evicted
+
+
+def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
+    qwen3_dir: Path, one_at_a_time: TransformersChatRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache of two contexts (256 tokens, four pages here) and four sequences of about 116
+    tokens (two pages) each: two wait for room, none is evicted mid-answer to be prefilled again
+    (on a GPU, with prefix sharing on, such a sequence went on with wrong tokens), and every
+    answer is the one-at-a-time one."""
+    evicted = spy_on_evictions(monkeypatch)
     runner = TransformersChatRunner(
         "tiny-qwen3", spec(max_batch_size=4, context_length=128), qwen3_dir
     )
@@ -158,6 +165,37 @@ def test_sequences_that_overflow_the_batch_cache_wait_and_still_match(
         runner.unload()
     assert evicted == []
     assert [t for t, _ in together] == [run(one_at_a_time, r)[0] for r in requests]
+
+
+def test_a_model_with_sliding_window_layers_keeps_transformers_recompute_and_still_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages are not reserved where transformers splits its cache between full and
+    sliding-window layers (a whole-model page count would be wrong there): the four sequences
+    all start, transformers evicts and prefills some again (no prefix sharing on such a model),
+    and every answer is still the one-at-a-time one."""
+    build_tiny_qwen3(tmp_path, sliding_window=32)
+    requests = [ask(p, max_tokens=100) for p in PROMPTS]
+    alone = TransformersChatRunner("tiny-sliding", spec(max_batch_size=1), tmp_path)
+    alone.load()
+    try:
+        expected = [run(alone, r)[0] for r in requests]
+    finally:
+        alone.unload()
+    evicted = spy_on_evictions(monkeypatch)
+    runner = TransformersChatRunner(
+        "tiny-sliding", spec(max_batch_size=4, context_length=128), tmp_path
+    )
+    runner.load()
+    try:
+        assert runner.batch_size == 4 and runner._batcher is not None
+        assert runner._batcher._room is None
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(run, [runner] * len(requests), requests))
+    finally:
+        runner.unload()
+    assert evicted, "the cache never filled: the test no longer exercises the recompute"
+    assert [t for t, _ in together] == expected
 
 
 def test_a_batch_cache_of_more_contexts_runs_more_long_answers_together(qwen3_dir: Path) -> None:
@@ -236,7 +274,17 @@ def test_a_sequence_waiting_for_room_hears_that_the_loop_is_gone() -> None:
 
 def test_a_sequence_longer_than_the_cache_waits_for_all_of_it() -> None:
     room = CacheRoom(4)
-    assert room.take(9, threading.Event(), never_failed)
+    assert room.take(1, threading.Event(), never_failed)
+    taken = threading.Event()
+
+    def take_nine() -> None:
+        assert room.take(9, threading.Event(), never_failed)
+        taken.set()
+
+    threading.Thread(target=take_nine).start()
+    assert not taken.wait(0.3), "it took the cache while a page was still in use"
+    room.give(1)
+    assert taken.wait(5)
     assert room.free() == 0
     room.give(9)
     assert room.free() == 4
@@ -277,6 +325,8 @@ def test_cancelling_one_sequence_leaves_the_others_finishing(
     tokens = [t for c in other_chunks for t in c.token_ids]
     assert tokens == run(one_at_a_time, ask(PROMPTS[1], max_tokens=30))[0]
     assert other_chunks[-1].finish_reason == "length"
+    room = batching._batcher._room if batching._batcher is not None else None
+    assert room is not None and room.free() == room.pages  # the cancelled one's pages too
 
 
 def test_sampled_unseeded_requests_batch_and_seeded_ones_run_alone(

@@ -174,9 +174,11 @@ def build_tiny_qwen35_vl(out: Path) -> None:
     )
 
 
-def build_tiny_qwen3(out: Path) -> None:
+def build_tiny_qwen3(out: Path, *, sliding_window: int | None = None) -> None:
     """Save a random text-only Qwen3 model (every layer full attention, which continuous batching
-    serves) with the same tokenizer and chat template as `build_tiny_qwen35_vl`."""
+    serves) with the same tokenizer and chat template as `build_tiny_qwen35_vl`. With
+    `sliding_window`, its first layer attends to that many tokens only (Gemma 3's mix of
+    layers, which continuous batching pages with two allocators)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -198,5 +200,9 @@ def build_tiny_qwen3(out: Path) -> None:
         # instead of repeating one token.
         initializer_range=0.2,
     )
+    if sliding_window is not None:
+        config.use_sliding_window = True
+        config.sliding_window = sliding_window
+        config.layer_types = ["sliding_attention", "full_attention"]
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(out)

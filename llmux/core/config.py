@@ -150,13 +150,14 @@ class PhysicalModel(StrictModel):
     )
     batch_cache_contexts: int | None = Field(
         None,
-        gt=0,
+        ge=2,
         description="transformers llm that batches: the batch cache's size, in full contexts "
-        "(prompt plus answer) of tokens; default 2. A request joins the batch once its prompt "
-        "and max_tokens (the rest of the context when it sets none) fit beside the running "
-        "ones, so this is how many requests without max_tokens run together. Each context "
-        "costs the model's KV bytes per token times context_length of GPU memory, counted in "
-        "its measured footprint.",
+        "(prompt plus answer) of tokens; default and least 2 (with sliding-window layers, one "
+        "context's pages can hold less than one full-length request). On a model whose layers "
+        "are all full attention a request joins the batch once its prompt and max_tokens (the "
+        "rest of the context when it sets none) fit beside the running ones, so this is how "
+        "many requests without max_tokens run together. Each context costs the model's KV "
+        "bytes per token times context_length of GPU memory, counted in its measured footprint.",
     )
 
     @property
