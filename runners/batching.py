@@ -187,24 +187,9 @@ class ContinuousBatcher:
         and frees the sequence's cache slot and pages.
         Raises `BatchingFailed` if the loop refuses or fails the sequence."""
         room = self._room
-        if room is None:
-            yield from self._generate(input_ids, max_new_tokens, sampler, cancel)
-            return
         pages = -(-(len(input_ids) + max_new_tokens) // PAGE_TOKENS)
-        if not room.take(pages, cancel, self.failure):
+        if room is not None and not room.take(pages, cancel, self.failure):
             return  # cancelled while it waited for room: nothing was sent to the loop
-        try:
-            yield from self._generate(input_ids, max_new_tokens, sampler, cancel)
-        finally:
-            room.give(pages)
-
-    def _generate(
-        self,
-        input_ids: list[int],
-        max_new_tokens: int,
-        sampler: LogitsProcessor | None,
-        cancel: threading.Event,
-    ) -> Iterator[int]:
         request_id = f"llmux-{next(self._ids)}"
         key = int(request_id.rsplit("-", 1)[1])
         outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -245,6 +230,8 @@ class ContinuousBatcher:
                 self._manager.cancel_request(request_id)
             self._router.queues.pop(request_id, None)
             self._sampling.samplers.pop(key, None)
+            if room is not None:
+                room.give(pages)
 
     def close(self) -> None:
         """Stop the loop thread and drop the cache. Idempotent."""
