@@ -13,34 +13,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llmux.core.config import PhysicalModel
-from runners.chat import GenerationRequest
 from runners.transformers_llm import TransformersChatRunner
 from tests.conftest import gpu_only
+from tests.test_continuous_batching import PROMPTS, ask, run, spec
 from tests.tiny_models import build_tiny_qwen3
 
 pytestmark = gpu_only()
 
-PROMPTS = ["Hello world", "What colour is this image?", "get_weather Berlin", "tools"]
 
-
-def greedy(runner: TransformersChatRunner, prompt: str) -> list[int]:
-    request = GenerationRequest(
-        messages=[{"role": "user", "content": prompt}], max_tokens=48, temperature=0
-    )
-    runner.check(request)
-    return [t for c in runner.generate(request, threading.Event()) for t in c.token_ids]
-
-
-def runner_for(path: Path, batch_size: int) -> TransformersChatRunner:
-    spec = PhysicalModel(
-        type="llm",
-        backend="transformers",
-        estimated_vram_gb=0.1,
-        parser="plain",
-        max_batch_size=batch_size,
-    )
-    runner = TransformersChatRunner("tiny-qwen3", spec, path)
+def loaded(path: Path, batch_size: int) -> TransformersChatRunner:
+    runner = TransformersChatRunner("tiny-qwen3", spec(max_batch_size=batch_size), path)
     runner.load()
     return runner
 
@@ -49,9 +31,10 @@ def test_batched_answers_hold_while_other_work_fills_the_default_stream(tmp_path
     import torch
 
     build_tiny_qwen3(tmp_path)
-    alone = runner_for(tmp_path, 1)
+    requests = [ask(p, max_tokens=48) for p in PROMPTS]
+    alone = loaded(tmp_path, 1)
     try:
-        expected = [greedy(alone, p) for p in PROMPTS]
+        expected = [run(alone, r)[0] for r in requests]
     finally:
         alone.unload()
     assert len({tuple(tokens) for tokens in expected}) == len(PROMPTS)  # a meaningful reference
@@ -66,13 +49,13 @@ def test_batched_answers_hold_while_other_work_fills_the_default_stream(tmp_path
                 a = (a @ a).tanh()
             torch.cuda.synchronize()
 
-    batching = runner_for(tmp_path, 4)
+    batching = loaded(tmp_path, 4)
     assert batching.batch_size == 4  # batched, not quietly one at a time
     side = threading.Thread(target=other_model, daemon=True)
     side.start()
     try:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
-            together = list(pool.map(lambda p: greedy(batching, p), PROMPTS))
+            together = [t for t, _ in pool.map(run, [batching] * len(requests), requests)]
     finally:
         stop.set()
         side.join(30)
