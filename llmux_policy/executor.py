@@ -61,7 +61,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -69,7 +68,7 @@ from functools import partial
 from types import TracebackType
 from typing import Literal, TypedDict
 
-from llmux.core.concurrency import run_to_end
+from llmux.core.concurrency import ThreadPerCall, run_to_end
 from llmux.core.config import ModelType, PhysicalModel, Registry
 from llmux.core.errors import ApiError, ModelNotFound, ModelUnavailable
 from llmux_policy.memory import GIB, MemoryProbe
@@ -255,9 +254,10 @@ class Residency:
         self._ticks = itertools.count(1)
         self._swap_lock = asyncio.Lock()
         # Loads, unloads and preflights run on a thread of their own: inference fills the default
-        # pool (a burst of transcriptions), and a swap must never queue behind it.
-        self._swap_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmux-swap")
-        self._inference: dict[str, ThreadPoolExecutor] = {}
+        # pool (a burst of transcriptions), and a swap must never queue behind it. Each call on a
+        # thread that ends with it (`ThreadPerCall`: torch's OpenMP threads go with it).
+        self._swap_thread = ThreadPerCall(max_workers=1, thread_name_prefix="llmux-swap")
+        self._inference: dict[str, ThreadPerCall] = {}
         self._changed = asyncio.Event()
 
     @property
@@ -268,13 +268,13 @@ class Residency:
     def host_budget_bytes(self) -> int:
         return self._host_budget
 
-    def inference_threads(self, physical_id: str) -> ThreadPoolExecutor:
+    def inference_threads(self, physical_id: str) -> ThreadPerCall:
         """The worker threads for `physical_id`'s inference: a small pool per model, so that a
         burst of requests for one model (transcriptions, say) cannot take the threads another
-        model's requests, or the swaps, need."""
+        model's requests, or the swaps, need. Each call runs on a thread that ends with it."""
         pool = self._inference.get(physical_id)
         if pool is None:
-            pool = self._inference[physical_id] = ThreadPoolExecutor(
+            pool = self._inference[physical_id] = ThreadPerCall(
                 max_workers=INFERENCE_THREADS, thread_name_prefix=f"llmux-{physical_id}"
             )
         return pool

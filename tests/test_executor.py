@@ -16,6 +16,7 @@ from typing import TypeVar
 import prometheus_client
 import pytest
 
+from llmux.core.concurrency import run_to_end
 from llmux.core.config import Registry
 from llmux.core.errors import ModelNotFound, ModelUnavailable
 from llmux_policy.executor import INFERENCE_THREADS, Residency, ResidencySnapshot, ResidentInfo
@@ -76,6 +77,7 @@ class FakeRunner:
             raise error
 
     def load(self) -> None:
+        self.stage.load_threads.append(threading.current_thread())
         with self.stage.active("load", self.physical_id):
             self.stage.pass_gate(self.stage.load_gates, self.physical_id)
             error = self.stage.failures.pop(self.physical_id, None)
@@ -128,6 +130,7 @@ class Stage:
         self.max_active = 0
         self.residencies: list[Residency] = []
         self.tasks: list[asyncio.Task[Runner]] = []
+        self.load_threads: list[threading.Thread] = []  # the thread each load ran on
         self._active = 0
         self._lock = threading.Lock()
         self._changed = asyncio.Event()
@@ -340,6 +343,21 @@ async def test_concurrent_requests_share_one_load(stage: Stage) -> None:
         "loads": 1,
         "unparks": 0,
     }
+
+
+async def test_loads_and_inference_calls_run_on_threads_that_end_with_them(
+    stage: Stage,
+) -> None:
+    # torch's OpenMP threads last as long as the thread that started them; too many of them
+    # make every team sleep between parallel regions (llmux.core.concurrency.ThreadPerCall).
+    residency = stage.residency()
+    await use_once(residency, "qwen-4b")
+    threads = residency.inference_threads("qwen-4b")
+    ran_on = [await within(run_to_end(threading.current_thread, executor=threads)) for _ in "ab"]
+
+    assert len(stage.load_threads) == 1
+    assert [t.is_alive() for t in [*stage.load_threads, *ran_on]] == [False, False, False]
+    assert ran_on[0] is not ran_on[1]
 
 
 async def test_loads_run_one_at_a_time(stage: Stage) -> None:

@@ -1,6 +1,7 @@
 """Blocking work on worker threads, without ever abandoning a thread that uses a model: a
 function run to its end (`run_to_end`), a generator read from async code (`iterate_in_thread`),
-or the items a producer computing on a thread of its own hands over (`iterate_pushed`).
+or the items a producer computing on a thread of its own hands over (`iterate_pushed`); and the
+pool that model work is submitted to (`ThreadPerCall`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,53 @@ import contextlib
 import contextvars
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import Executor, Future
-from typing import TypeVar
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
 
 import anyio
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class ThreadPerCall(ThreadPoolExecutor):
+    """A thread pool whose calls each run on a new thread that ends with the call: the pool's own
+    threads only start and join them, so `max_workers` still bounds how many run at once.
+
+    Why: torch's OpenMP runtime (libgomp) gives each thread that runs a parallel CPU operation a
+    team of worker threads of its own, kept until that thread ends, and counts every team. Once
+    it counts more threads than the machine has cores, all teams' workers sleep between parallel
+    regions instead of spinning, and every region then waits for them to wake. A model loaded on
+    a long-lived swap thread left such a team behind; beside the batch loop's own, a 0.5B model's
+    requests on a 2-core CPU each took 1,400 futex waits and about 100 ms more to the first
+    token. A thread that ends takes its team with it."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._call_names = f"{thread_name_prefix}-call"
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        return super().submit(_on_a_new_thread, lambda: fn(*args, **kwargs), self._call_names)
+
+
+def _on_a_new_thread(call: Callable[[], T], name: str) -> T:
+    """`call()` on a thread started for it, waited for here: its result, or its error raised."""
+    outcome: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # raised again on the waiting thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if not ok:
+        assert isinstance(value, BaseException)
+        raise value
+    return value  # type: ignore[return-value]  # what `call` returned
 
 
 async def run_to_end(

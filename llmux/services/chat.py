@@ -89,7 +89,7 @@ class ChatService:
         held = await stack.enter_async_context(self._residency.use(physical_id))
         runner = cast(ChatRunner, held)  # the registry said this model is an llm
         gate = self.gate(physical_id)
-        threads = self._residency.inference_threads(physical_id)
+        threads: Executor = self._residency.inference_threads(physical_id)
         try:
             # Everything a client can be told off for is checked before the answer starts. Not
             # under the generation lock: rendering and tokenizing only read the model, and a
