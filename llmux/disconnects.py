@@ -108,16 +108,39 @@ class HeldStreamingResponse(StreamingResponse):
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
-        async for chunk in self.body_iterator:
-            body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
-            try:
-                async with asyncio.timeout(self._stall_s):
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            except TimeoutError:
-                # Returning without the last body message makes the server close the connection.
-                log.warning(
-                    "the client read nothing for %.0f s (LLMUX_STREAM_STALL_S): disconnected it",
-                    self._stall_s,
-                )
-                return
+        loop = asyncio.get_running_loop()
+        sending_since: float | None = None
+        watchdog: asyncio.TimerHandle | None = None
+        try:
+            async with asyncio.timeout(None) as cut:
+
+                def watch() -> None:
+                    # One timer per stream rather than one per event: it wakes every `stall_s`
+                    # at most, and when a send has waited that long, ends the stream.
+                    nonlocal watchdog
+                    now = loop.time()
+                    if sending_since is not None and now - sending_since >= self._stall_s:
+                        cut.reschedule(now)
+                    else:
+                        since = now if sending_since is None else sending_since
+                        watchdog = loop.call_at(since + self._stall_s, watch)
+
+                watchdog = loop.call_later(self._stall_s, watch)
+                try:
+                    async for chunk in self.body_iterator:
+                        body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
+                        sending_since = loop.time()
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                        sending_since = None
+                finally:
+                    watchdog.cancel()
+        except TimeoutError:
+            if not cut.expired():
+                raise
+            # Returning without the last body message makes the server close the connection.
+            log.warning(
+                "the client read nothing for %.0f s (LLMUX_STREAM_STALL_S): disconnected it",
+                self._stall_s,
+            )
+            return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

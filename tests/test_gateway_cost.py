@@ -4,10 +4,12 @@ FastAPI's routing, and neither BentoML nor FastAPI makes OpenTelemetry spans tha
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,11 @@ import pytest
 from starlette.testclient import TestClient
 from starlette.types import Receive, Scope, Send
 
+from llmux.disconnects import HeldStreamingResponse
 from llmux.middleware import FrontDoor
+from llmux.parsers import ContentDelta, ReasoningDelta, ToolCallArgs, ToolCallStart
+from llmux.services.chat import ChatSession
+from llmux.wire.chat import Delta, StreamEvents, delta_from_event
 from llmux.wire.models import ModelList, model_card
 from tests.conftest import TEST_KEY
 
@@ -197,3 +203,110 @@ def test_the_app_bentoml_builds_answers_polls_at_the_front_door(tmp_path: Path) 
     )
     # /v1/models without a key: the front door's own key check refuses it, as the app would.
     assert service_probe(tmp_path, probe) == {"answers": [200, 401, 200], "reached": ["/health"]}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "Hello",
+        ' "quoted" \\ back',
+        "line\nbreak\ttab\r",
+        "\x00\x1f\x7f",
+        "é ✓ 漢字 🚀",
+        "{}[],:",
+    ],
+)
+def test_a_streamed_text_delta_is_what_the_model_would_render(text: str) -> None:
+    events = StreamEvents("chatcmpl-1", 1700000000, 'model "with" quotes')
+    for event, delta in [
+        (ContentDelta(text), Delta(content=text)),
+        (ReasoningDelta(text), Delta(reasoning_content=text, reasoning=text)),
+    ]:
+        assert events.event(event) == events.chunk(delta)
+        body = json.loads(events.event(event).removeprefix("data: "))
+        assert body["choices"][0]["delta"] == delta.model_dump(exclude_none=True)
+
+
+def test_other_streamed_events_go_through_the_model() -> None:
+    events = StreamEvents("chatcmpl-1", 1700000000, "m")
+    start = ToolCallStart(index=0, id="call_1", name="get_weather")
+    assert events.event(start) == events.chunk(delta_from_event(start))
+    args = ToolCallArgs(index=0, text='{"city": "Paris"}')
+    assert events.event(args) == events.chunk(delta_from_event(args))
+
+
+async def _read_all(buffer: asyncio.Queue[str | None]) -> list[str]:
+    events = StreamEvents("chatcmpl-1", 1700000000, "m")
+    return [piece async for piece in ChatSession._read(buffer, events)]
+
+
+def test_events_that_piled_up_while_the_client_read_go_out_in_one_write() -> None:
+    buffer: asyncio.Queue[str | None] = asyncio.Queue()
+    for piece in ["a\n\n", "b\n\n", "c\n\n", None]:
+        buffer.put_nowait(piece)
+    role, *rest = asyncio.run(_read_all(buffer))
+    assert json.loads(role.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+    assert rest == ["a\n\nb\n\nc\n\n"]
+
+
+def test_events_that_come_one_by_one_go_out_one_by_one() -> None:
+    async def one_by_one() -> list[str]:
+        buffer: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def produce() -> None:
+            for piece in ["a\n\n", "b\n\n", None]:
+                await asyncio.sleep(0.01)
+                buffer.put_nowait(piece)
+
+        producer = asyncio.create_task(produce())
+        pieces = await _read_all(buffer)
+        await producer
+        return pieces
+
+    assert asyncio.run(one_by_one())[1:] == ["a\n\n", "b\n\n"]
+
+
+async def _held_stream(body: list[tuple[float, str]], send_s: float, stall_s: float) -> list[Any]:
+    """The messages HeldStreamingResponse sends for `body` (each piece after its delay), with a
+    client that takes `send_s` to take each piece."""
+
+    async def pieces() -> Any:
+        for delay, piece in body:
+            await asyncio.sleep(delay)
+            yield piece
+
+    sent: list[Any] = []
+    closed: list[bool] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body" and message["more_body"]:
+            await asyncio.sleep(send_s)
+        sent.append(message)
+
+    async def receive() -> Any:
+        await asyncio.sleep(3600)
+
+    async def on_close() -> None:
+        closed.append(True)
+
+    response = HeldStreamingResponse(pieces(), on_close=on_close, stall_s=stall_s)
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}, "method": "GET", "headers": []}
+    await response(scope, receive, send)
+    assert closed == [True]
+    return sent
+
+
+def test_a_model_slower_than_the_stall_limit_is_not_a_stalled_client() -> None:
+    sent = asyncio.run(_held_stream([(0.25, "a"), (0.25, "b"), (0.25, "c")], 0.0, 0.1))
+    assert [m.get("body") for m in sent[1:]] == [b"a", b"b", b"c", b""]
+
+
+def test_a_client_that_takes_nothing_for_the_stall_limit_is_cut(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = time.monotonic()
+    sent = asyncio.run(_held_stream([(0.0, "a"), (0.0, "b")], 3600, 0.2))
+    assert time.monotonic() - started < 2
+    assert [m["type"] for m in sent] == ["http.response.start"]  # no last body: connection cut
+    assert "(LLMUX_STREAM_STALL_S): disconnected it" in caplog.text

@@ -49,12 +49,11 @@ from llmux.wire.chat import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
-    ChunkChoice,
     Delta,
     FinishReason,
+    StreamEvents,
     Usage,
     completion_from_events,
-    delta_from_event,
     sse_event,
 )
 from llmux_policy.executor import Residency
@@ -260,16 +259,17 @@ class ChatSession:
         """Start generating now, into a buffer, and return the SSE body that reads it: role,
         deltas, finish, usage if asked, [DONE]. Call once; `close()` when the response ends."""
         buffer: asyncio.Queue[str | None] = asyncio.Queue()
+        events = StreamEvents(self.id, self.created, self.body.model)
         self._generation = asyncio.create_task(
-            self._generate_into(buffer), name=f"llmux-generate-{self.id}"
+            self._generate_into(buffer, events), name=f"llmux-generate-{self.id}"
         )
-        return self._read(buffer)
+        return self._read(buffer, events)
 
-    async def _generate_into(self, buffer: asyncio.Queue[str | None]) -> None:
+    async def _generate_into(self, buffer: asyncio.Queue[str | None], events: StreamEvents) -> None:
         try:
             async for item in self.events():
                 if isinstance(item, Finished):
-                    buffer.put_nowait(self._chunk(Delta(), finish_reason=item.finish_reason))
+                    buffer.put_nowait(events.chunk(Delta(), finish_reason=item.finish_reason))
                     if self.body.stream_options and self.body.stream_options.include_usage:
                         usage = ChatCompletionChunk(
                             id=self.id,
@@ -280,7 +280,7 @@ class ChatSession:
                         )
                         buffer.put_nowait(sse_event(usage))
                 else:
-                    buffer.put_nowait(self._chunk(delta_from_event(item)))
+                    buffer.put_nowait(events.event(item))
         except ApiError as exc:
             buffer.put_nowait(sse_event(exc.to_envelope()))
         except Exception:
@@ -296,20 +296,21 @@ class ChatSession:
             buffer.put_nowait(SSE_DONE)
             buffer.put_nowait(None)
 
-    async def _read(self, buffer: asyncio.Queue[str | None]) -> AsyncIterator[str]:
-        yield self._chunk(Delta(role="assistant", content=""))
+    @staticmethod
+    async def _read(buffer: asyncio.Queue[str | None], events: StreamEvents) -> AsyncIterator[str]:
+        """The role chunk, then what the buffer holds, until its end. What has piled up while
+        the client read is sent in one piece: one write for several events."""
+        yield events.chunk(Delta(role="assistant", content=""))
         while (piece := await buffer.get()) is not None:
-            yield piece
-
-    def _chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> str:
-        return sse_event(
-            ChatCompletionChunk(
-                id=self.id,
-                created=self.created,
-                model=self.body.model,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
-            )
-        )
+            if buffer.empty():
+                yield piece
+                continue
+            pieces = [piece]
+            while not buffer.empty() and (piece := buffer.get_nowait()) is not None:
+                pieces.append(piece)
+            yield "".join(pieces)
+            if piece is None:
+                return
 
 
 def _forced_call_events(text: str, *, cut_short: bool) -> list[Event]:

@@ -9,6 +9,7 @@ malformed images are refused with a 400 naming the field. Converting it into a b
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -326,3 +327,42 @@ def completion_json(completion: ChatCompletion) -> dict[str, Any]:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+# A string's JSON as `sse_event` writes it (json.dumps with ensure_ascii=False).
+_TEXT_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+class StreamEvents:
+    """The server-sent events of one streamed completion.
+
+    Text deltas, content or reasoning, are nearly every event of a stream. Each is the JSON of a
+    chunk rendered once through the model, with a mark where the text goes, and the text's JSON
+    spliced in: byte for byte what `sse_event` makes of the same chunk, without building and
+    dumping a model per token on the event loop. Any other event goes through the model."""
+
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        self.completion_id, self.created, self.model = completion_id, created, model
+        mark = _TEXT_JSON.encode(uuid.uuid4().hex)
+        content = self.chunk(Delta(content=mark[1:-1]))
+        reasoning = self.chunk(Delta(reasoning_content=mark[1:-1], reasoning=mark[1:-1]))
+        self._content, self._reasoning = content.split(mark), reasoning.split(mark)
+
+    def chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> str:
+        """One chunk of this completion, with one choice."""
+        return sse_event(
+            ChatCompletionChunk(
+                id=self.completion_id,
+                created=self.created,
+                model=self.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            )
+        )
+
+    def event(self, event: Event) -> str:
+        """The chunk of one parsed output event."""
+        if isinstance(event, ContentDelta):
+            return _TEXT_JSON.encode(event.text).join(self._content)
+        if isinstance(event, ReasoningDelta):
+            return _TEXT_JSON.encode(event.text).join(self._reasoning)
+        return self.chunk(delta_from_event(event))
