@@ -24,10 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench import qwen_transformers as qwen
-from bench.clients import StreamResult, concurrent_streams, stream_chat
+from bench.clients import StreamResult, Streams, concurrent_streams, stream_chat
 from bench.context import MAIN_CONTEXT, MAIN_GGUF, MAIN_LLM, TINY_LLM, Bench
 from bench.inprocess import Isolated, LlamaInProcess, TransformersInProcess
 from bench.servers import KEY, start_llama_server
@@ -138,7 +136,7 @@ def gateway_llamacpp(bench: Bench) -> Section:
     local.call("set_prompt", messages)
     server = start_llama_server(bench.work, gguf, MAIN_CONTEXT)
     try:
-        with httpx.Client() as client:
+        with Streams() as client:
             results = run_rounds(
                 {
                     "in-process": lambda: local.call("stream", opts.tokens),
@@ -219,7 +217,7 @@ def transformers_rows(
     for contender in (local, pinned):
         contender.call("set_prompt", messages, {"enable_thinking": False})
     try:
-        with httpx.Client() as client:
+        with Streams() as client:
             results = run_rounds(
                 {
                     BATCHED: lambda: local.call(
@@ -339,7 +337,7 @@ def side_request(
     alone: list[float] = []
     during: list[float] = []
     answered_during: list[float] = []
-    with httpx.Client() as client:
+    with Streams() as client:
         for _ in range(max(1, min(bench.options.rounds, 3))):
             alone.append(stream_chat(client, bench.llmux.base, KEY, title).finish_s or 0.0)
             stream: list[StreamResult] = []
@@ -370,5 +368,5 @@ def side_request(
 
 
 def _stream_into(out: list[StreamResult], base: str, body: dict[str, Any]) -> None:
-    with httpx.Client() as client:
+    with Streams() as client:
         out.append(stream_chat(client, base, KEY, body))

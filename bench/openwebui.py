@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from bench.clients import StreamResult, stream_chat
+from bench.clients import StreamResult, Streams, stream_chat
 from bench.context import MAIN_LLM, TINY_LLM, Bench
 from bench.openwebui_tools import openwebui_tools
 from bench.servers import KEY
@@ -67,7 +67,7 @@ def chat_pattern(
 
     runs: dict[str, list[StreamResult]] = {"first": [], "second": [], "second after title": []}
     url = bench.llmux.base
-    with httpx.Client() as client:
+    with Streams() as client:
         for _ in range(bench.options.tool_rounds):
             # Each round on a fresh load, so that no prompt state saved by the round before
             # serves its first message; and something else first, so that the first message
@@ -80,7 +80,7 @@ def chat_pattern(
             history = [*first_messages, {"role": "assistant", "content": answer}]
             chat = [*history, {"role": "user", "content": SECOND}]
             second = stream_chat(client, url, KEY, message(chat))
-            client.post(
+            httpx.post(
                 f"{url}/v1/chat/completions",
                 json=title_request(model, FIRST, answer),
                 headers=bench.auth,

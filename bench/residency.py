@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.clients import StreamResult, stream_chat
+from bench.clients import StreamResult, Streams, stream_chat
 from bench.context import (
     MAIN_GGUF,
     MAIN_LLM,
@@ -117,7 +115,7 @@ def swap(bench: Bench) -> Section:
     }
     errors: list[str] = []
 
-    def timed(client: httpx.Client, target: tuple[str, str]) -> dict[str, float | None]:
+    def timed(client: Streams, target: tuple[str, str]) -> dict[str, float | None]:
         before = bench.metric_sums()
         result: StreamResult = stream_chat(client, bench.llmux.base, KEY, _short(target[0]))
         after = bench.metric_sums()
@@ -133,7 +131,7 @@ def swap(bench: Bench) -> Section:
         }
 
     bench.admin("POST", f"/models/{a[0]}/load")
-    with httpx.Client() as client:
+    with Streams() as client:
         stream_chat(client, bench.llmux.base, KEY, _short(a[0]))
         for _ in range(bench.options.rounds):
             rows[f"{a[0]} warm"].append(timed(client, a))
@@ -277,7 +275,7 @@ def warm_tier(bench: Bench) -> Section:
     rows: dict[str, list[dict[str, float | None]]] = {"cold load": [], "unpark": []}
     errors: list[str] = []
 
-    def timed(client: httpx.Client, series: str) -> dict[str, float | None]:
+    def timed(client: Streams, series: str) -> dict[str, float | None]:
         before = bench.metric_sums()
         result = stream_chat(client, bench.llmux.base, KEY, _short(TINY_LLM))
         after = bench.metric_sums()
@@ -285,7 +283,7 @@ def warm_tier(bench: Bench) -> Section:
             errors.append(result.error)
         return {"ttft": result.ttft_s, "seconds": _delta(before, after, (series, TINY_PHYSICAL))}
 
-    with httpx.Client() as client:
+    with Streams() as client:
         stream_chat(client, bench.llmux.base, KEY, _short(TINY_LLM))  # first load: warm-up
         for _ in range(max(1, bench.options.rounds)):
             bench.admin("POST", f"/models/{TINY_LLM}/unload")  # to disk, not to the warm tier

@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from bench.clients import StreamResult, _read_response, stream_chat
+from bench.clients import Dechunker, StreamResult, Streams, _read_response, sse_data, stream_chat
 from bench.context import METRIC_SUM, Options
 from bench.openwebui_tools import openwebui_tools
 from bench.qwen_transformers import convert_gguf
@@ -165,10 +168,58 @@ def _sse(*chunks: dict[str, Any]) -> bytes:
     )
 
 
-def _serve(body: bytes, status: int = 200) -> httpx.Client:
-    return httpx.Client(
-        transport=httpx.MockTransport(lambda _: httpx.Response(status, content=body))
-    )
+class _Server:
+    """A local HTTP/1.1 server that answers each request with the next of `responses`, written
+    in the pieces given (with a pause between them), and keeps the connection unless told."""
+
+    def __init__(self, *responses: list[bytes], close_after_each: bool = False) -> None:
+        self.responses = list(responses)
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self._close = close_after_each
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with self._listener:
+            self._answer_all()
+
+    def _answer_all(self) -> None:
+        while self.responses:
+            conn, _ = self._listener.accept()
+            self.connections += 1
+            with conn:
+                while self.responses:
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        if not (data := conn.recv(1 << 16)):
+                            break
+                        request += data
+                    if not request:
+                        break
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    length = int(re.search(rb"Content-Length: (\d+)", head)[1])  # type: ignore[index]
+                    while len(body) < length:
+                        body += conn.recv(1 << 16)
+                    self.requests.append(head + b"\r\n\r\n" + body)
+                    for piece in self.responses.pop(0):
+                        conn.sendall(piece)
+                        time.sleep(0.02)
+                    if self._close:
+                        break
+
+
+def _chunked(body: bytes, status: str = "200 OK", pieces: int = 1) -> list[bytes]:
+    """A chunked response whose body is written as `pieces` chunks."""
+    step = -(-len(body) // pieces)
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    head = f"HTTP/1.1 {status}\r\ncontent-type: text/event-stream\r\n"
+    return [
+        (head + "transfer-encoding: chunked\r\n\r\n").encode(),
+        *(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks),
+        b"0\r\n\r\n",
+    ]
 
 
 def test_stream_tokens_come_from_usage_when_the_server_sends_it() -> None:
@@ -178,31 +229,75 @@ def test_stream_tokens_come_from_usage_when_the_server_sends_it() -> None:
         {"choices": [{"delta": {}, "finish_reason": "length"}]},
         {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}},
     )
-    with _serve(body) as client:
-        result = stream_chat(client, "http://x", "k", {"model": "m", "messages": []})
+    server = _Server(_chunked(body, pieces=4))
+    with Streams() as client:
+        result = stream_chat(client, server.base, "k", {"model": "m", "messages": []})
     assert result.error is None and result.tokens == 2 and result.prompt_tokens == 7
     assert result.counted_from == "usage" and result.text == "Hello there"
     assert result.ttft_s is not None and result.finish_s is not None
+    assert 0.02 <= result.ttft_s < result.finish_s  # each event timed by the read that brought it
+    request = server.requests[0]
+    assert b"Authorization: Bearer k\r\n" in request
+    sent = json.loads(request.partition(b"\r\n\r\n")[2])
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
 def test_stream_without_usage_counts_chunks_and_says_so() -> None:
+    # sse_starlette (llama_cpp.server) ends its lines with CRLF.
     body = _sse(
         {"choices": [{"delta": {"content": "a"}}]},
         {"choices": [{"delta": {"reasoning_content": "b"}}]},
         {"choices": [{"delta": {}, "finish_reason": "stop"}]},
-    )
-    with _serve(body) as client:
-        result = stream_chat(client, "http://x", "k", {})
-    assert result.tokens == 2 and result.counted_from == "chunks"
+    ).replace(b"\n", b"\r\n")
+    with Streams() as client:
+        result = stream_chat(client, _Server(_chunked(body, pieces=7)).base, "k", {})
+    assert result.error is None
+    assert result.tokens == 2 and result.counted_from == "chunks" and result.text == "a"
 
 
 def test_stream_errors_are_reported_not_raised() -> None:
-    with _serve(b'{"error": {"message": "no"}}', status=503) as client:
-        assert (stream_chat(client, "http://x", "k", {}).error or "").startswith("HTTP 503")
-    with _serve(_sse({"choices": [{"delta": {"content": "a"}}]})) as client:
-        assert stream_chat(client, "http://x", "k", {}).error == (
+    refusal = b'{"error": {"message": "no"}}'
+    server = _Server(
+        [b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%s" % (28, refusal)],
+        _chunked(_sse({"choices": [{"delta": {"content": "a"}}]})),
+    )
+    with Streams() as client:
+        error = stream_chat(client, server.base, "k", {}).error or ""
+        assert error == f"HTTP 503: {refusal.decode()}"
+        assert stream_chat(client, server.base, "k", {}).error == (
             "the stream ended without a finish_reason"
         )
+    assert server.connections == 1  # kept alive across both
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()
+    with Streams() as client:
+        refused = stream_chat(client, f"http://127.0.0.1:{port}", "k", {}).error or ""
+    assert refused.startswith("ConnectionRefusedError")
+
+
+def test_a_connection_the_server_closed_while_idle_is_opened_again() -> None:
+    done = _sse({"choices": [{"delta": {"content": "a"}, "finish_reason": "stop"}]})
+    server = _Server(_chunked(done), _chunked(done), close_after_each=True)
+    with Streams() as client:
+        first = stream_chat(client, server.base, "k", {})
+        time.sleep(0.1)  # the server has closed it by now
+        second = stream_chat(client, server.base, "k", {})
+    assert first.error is None and second.error is None and second.text == "a"
+    assert server.connections == 2
+
+
+def test_the_chunked_coding_is_undone_whatever_the_reads_cut() -> None:
+    body = b"data: one\n\n" * 20 + b"data: two\r\n\r\n"
+    framed = b"".join(_chunked(body, pieces=6)[1:])
+    for size in (1, 2, 3, 5, 7, 64):
+        dechunk = Dechunker()
+        pieces = [dechunk.feed(framed[i : i + size]) for i in range(0, len(framed), size)]
+        assert b"".join(pieces) == body and dechunk.done
+        timed = [(float(i), piece) for i, piece in enumerate(pieces)]
+        events = sse_data(timed)
+        assert [data for _, data in events] == ["one"] * 20 + ["two"]
+        assert [when for when, _ in events] == sorted(when for when, _ in events)
 
 
 def test_read_response_takes_content_length_and_chunked_bodies() -> None:
