@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import re
 import socket
 import threading
@@ -388,3 +389,41 @@ def requests_per_second(
         _hammer(url.host, url.port or 80, path, headers, duration_s, connections)
     )
     return done / elapsed, failed
+
+
+# --- the floor: what one streamed event costs any HTTP server and client here --------------------
+
+
+def socket_floor_us(interval_s: float, messages: int = 1000, size: int = 200) -> float:
+    """CPU microseconds one event costs at the least on this machine: a thread that writes
+    `size` bytes to a loopback TCP connection every `interval_s`, and a reader in another
+    process that only receives them, CPU time of both per message. No server can stream a
+    token for less, nor a client read it, whatever either does besides."""
+    context = multiprocessing.get_context("spawn")
+    results = context.SimpleQueue()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        reader = context.Process(
+            target=_floor_reader, args=(listener.getsockname()[1], messages * size, results)
+        )
+        reader.start()
+        conn, _ = listener.accept()
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload = b"x" * size
+        started = time.thread_time()
+        for _ in range(messages):
+            conn.sendall(payload)
+            time.sleep(interval_s)
+        writer_s = time.thread_time() - started
+        reader_s = float(results.get())
+    reader.join()
+    return (writer_s + reader_s) / messages * 1e6
+
+
+def _floor_reader(port: int, total: int, results: Any) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        started = time.thread_time()
+        got = 0
+        while got < total and (data := conn.recv(1 << 16)):
+            got += len(data)
+        results.put(time.thread_time() - started)

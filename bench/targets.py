@@ -2,6 +2,11 @@
 
 The bench reports each as a PASS or FAIL line; it never fails because of one (a target is where
 the code should get to, not a test). A figure the run could not measure is UNMEASURED.
+
+The streaming-rate target (0.98x in process) is judged on the real models, as the issue set it.
+The tiny random model's rate is reported beside the floor its section measures: its token takes
+2-3 ms of this 2-core machine, 2 % of which is less than a bare loopback socket's writer and
+reader take per event (about 95 us), so no HTTP server could meet it there.
 """
 
 from __future__ import annotations
@@ -40,14 +45,6 @@ TARGETS = (
     Target(
         "streaming tok/s through llmux / in process, transformers (Qwen2.5-Coder-0.5B)",
         "gateway_transformers",
-        "llmux_tok_s_ratio",
-        ">=",
-        0.98,
-        "x",
-    ),
-    Target(
-        "streaming tok/s through llmux / in process, transformers (tiny random model)",
-        "gateway_transformers_tiny",
         "llmux_tok_s_ratio",
         ">=",
         0.98,
