@@ -85,99 +85,94 @@ class Streams:
             f"POST {path} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n{head}"
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
         ).encode() + payload
-        for attempt in (0, 1):
-            sock = self._sockets.pop(address, None)
-            reused = sock is not None
-            if sock is None:
-                sock = socket.create_connection(address, timeout=timeout_s)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        idle = self._sockets.pop(address, None)
+        if idle is not None:
+            try:
+                return self._exchange(idle, address, request, timeout_s)
+            except _Stale:
+                pass  # closed by the server while idle: once more, on a new connection
+        fresh = socket.create_connection(address, timeout=timeout_s)
+        fresh.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return self._exchange(fresh, address, request, timeout_s)
+
+    def _exchange(
+        self, sock: socket.socket, address: tuple[str, int], request: bytes, timeout_s: float
+    ) -> tuple[int, list[tuple[float, bytes]]]:
+        """One request and its response on `sock`, kept for the next if the server keeps it."""
+        try:
             sock.settimeout(timeout_s)
             try:
                 sock.sendall(request)
-                raw = _receive(sock)
-            except (ConnectionError, _Stale):
-                sock.close()
-                if reused and attempt == 0:
-                    continue
-                raise
-            except BaseException:
-                sock.close()
-                raise
-            status, keep_alive, pieces = _decode(raw)
-            if keep_alive:
-                self._sockets[address] = sock
-            else:
-                sock.close()
-            return status, pieces
-        raise AssertionError("unreachable")
+            except ConnectionError as exc:
+                raise _Stale() from exc
+            status, fields, body = _receive(sock)
+        except BaseException:
+            sock.close()
+            raise
+        chunked = "chunked" in fields.get("transfer-encoding", "")
+        if fields.get("connection") != "close" and (chunked or "content-length" in fields):
+            self._sockets[address] = sock
+        else:
+            sock.close()
+        if not chunked:
+            return status, [(when, data) for when, data in body if data]
+        dechunk = Dechunker()
+        return status, [(when, dechunk.feed(data)) for when, data in body]
 
 
 class _Stale(ConnectionError):
     """The server closed the connection before any byte of a response."""
 
-
-def _receive(sock: socket.socket) -> list[tuple[float, bytes]]:
-    """A response's bytes as read, each read with its time: nothing else while it streams."""
-    reads: list[tuple[float, bytes]] = []
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(1 << 16)
-        if not data:
-            if reads:
-                raise ConnectionError("the server closed the connection mid-response")
-            raise _Stale()
-        reads.append((time.perf_counter(), data))
-        head += data
-    header_text, _, body = head.partition(b"\r\n\r\n")
-    fields = _header_fields(header_text)
-    if "chunked" in fields.get("transfer-encoding", ""):
-        tail = (b"\r\n\r\n" + body)[-7:]
-        while not tail.endswith(b"\r\n0\r\n\r\n"):
-            data = sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError("the server closed the connection mid-response")
-            reads.append((time.perf_counter(), data))
-            tail = (tail + data)[-7:]
-    elif "content-length" in fields:
-        left = int(fields["content-length"]) - len(body)
-        while left > 0:
-            data = sock.recv(1 << 16)
-            if not data:
-                raise ConnectionError("the server closed the connection mid-response")
-            reads.append((time.perf_counter(), data))
-            left -= len(data)
-    else:
-        while data := sock.recv(1 << 16):
-            reads.append((time.perf_counter(), data))
-    return reads
+    def __init__(self) -> None:
+        super().__init__("the server closed the connection before answering")
 
 
-def _header_fields(header_text: bytes) -> dict[str, str]:
+def _response_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """An HTTP/1.1 response's status and header fields (names and values in lower case)."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
     fields: dict[str, str] = {}
-    for line in header_text.decode("latin-1").split("\r\n")[1:]:
+    for line in lines:
         name, _, value = line.partition(":")
         fields[name.strip().lower()] = value.strip().lower()
-    return fields
+    return int(status_line.split()[1]), fields
 
 
-def _decode(reads: list[tuple[float, bytes]]) -> tuple[int, bool, list[tuple[float, bytes]]]:
-    """Status, whether the connection stays open, and the body's pieces with the time of the
-    read that brought each."""
-    head, at = b"", 0
+def _recv(sock: socket.socket, reads: list[tuple[float, bytes]]) -> bytes:
+    """One read of a response under way, noted with its time."""
+    data = sock.recv(1 << 16)
+    if not data:
+        raise ConnectionError("the server closed the connection mid-response")
+    reads.append((time.perf_counter(), data))
+    return data
+
+
+def _receive(
+    sock: socket.socket,
+) -> tuple[int, dict[str, str], list[tuple[float, bytes]]]:
+    """A response read whole, and nothing else done while it streams: its status, its header
+    fields, and its body as read (transfer coding not undone), each piece with the time of
+    the read that brought it."""
+    head = sock.recv(1 << 16)
+    if not head:
+        raise _Stale()
+    reads = [(time.perf_counter(), head)]
     while b"\r\n\r\n" not in head:
-        head += reads[at][1]
-        at += 1
+        head += _recv(sock, reads)
     header_text, _, first = head.partition(b"\r\n\r\n")
-    status = int(header_text.split(b" ", 2)[1])
-    fields = _header_fields(header_text)
-    keep_alive = fields.get("connection") != "close" and (
-        "chunked" in fields.get("transfer-encoding", "") or "content-length" in fields
-    )
-    rest = [(reads[at - 1][0], first), *reads[at:]]
-    if "chunked" not in fields.get("transfer-encoding", ""):
-        return status, keep_alive, [(when, data) for when, data in rest if data]
-    dechunk = Dechunker()
-    return status, keep_alive, [(when, dechunk.feed(data)) for when, data in rest]
+    status, fields = _response_head(header_text)
+    body = [(reads[-1][0], first)]
+    if "chunked" in fields.get("transfer-encoding", ""):
+        tail = (b"\r\n\r\n" + first)[-7:]
+        while not tail.endswith(b"\r\n0\r\n\r\n"):
+            tail = (tail + _recv(sock, body))[-7:]
+    elif "content-length" in fields:
+        left = int(fields["content-length"]) - len(first)
+        while left > 0:
+            left -= len(_recv(sock, body))
+    else:
+        while data := sock.recv(1 << 16):
+            body.append((time.perf_counter(), data))
+    return status, fields, body
 
 
 class Dechunker:
@@ -325,21 +320,13 @@ def concurrent_streams(
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
     """Read one response whole; its status code."""
-    status_line = await reader.readline()
-    if not status_line:
-        raise ConnectionError("the server closed the connection")
-    status = int(status_line.split()[1])
-    length, chunked = 0, False
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        name = name.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "transfer-encoding" and "chunked" in value.lower():
-            chunked = True
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        raise ConnectionError("the server closed the connection") from None
+    status, fields = _response_head(head[:-4])
+    chunked = "chunked" in fields.get("transfer-encoding", "")
+    length = int(fields.get("content-length", 0))
     if chunked:
         while True:
             size = int((await reader.readline()).split(b";")[0], 16)
@@ -394,11 +381,13 @@ def requests_per_second(
 # --- the floor: what one streamed event costs any HTTP server and client here --------------------
 
 
-def socket_floor_us(interval_s: float, messages: int = 1000, size: int = 200) -> float:
-    """CPU microseconds one event costs at the least on this machine: a thread that writes
-    `size` bytes to a loopback TCP connection every `interval_s`, and a reader in another
-    process that only receives them, CPU time of both per message. No server can stream a
-    token for less, nor a client read it, whatever either does besides."""
+def socket_floor_us(
+    interval_s: float, messages: int = 1000, size: int = 200
+) -> tuple[float, float]:
+    """CPU microseconds one event costs at the least on this machine, writer's and reader's: a
+    thread that writes `size` bytes to a loopback TCP connection every `interval_s`, and a
+    reader in another process that only receives them, each one's CPU time per message. No
+    server can stream a token for less, nor a client read it, whatever either does besides."""
     context = multiprocessing.get_context("spawn")
     results = context.SimpleQueue()
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -417,7 +406,7 @@ def socket_floor_us(interval_s: float, messages: int = 1000, size: int = 200) ->
         writer_s = time.thread_time() - started
         reader_s = float(results.get())
     reader.join()
-    return (writer_s + reader_s) / messages * 1e6
+    return writer_s / messages * 1e6, reader_s / messages * 1e6
 
 
 def _floor_reader(port: int, total: int, results: Any) -> None:

@@ -203,7 +203,7 @@ def gateway_transformers_tiny(bench: Bench) -> Section:
     # idle cores: the best ratio any HTTP server (and client) could reach on this model.
     base_rate = next((row["tok/s"] for row in section.rows if row["path"] == BATCHED), None)
     if isinstance(base_rate, int | float) and base_rate > 0:
-        floor_us = socket_floor_us(1 / base_rate)
+        floor_us = sum(socket_floor_us(1 / base_rate))
         best = 1 / (1 + floor_us * 1e-6 * base_rate)
         section.figures["socket_floor_us"] = floor_us
         section.figures["socket_floor_best_tok_s_ratio"] = best

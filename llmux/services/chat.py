@@ -47,7 +47,6 @@ from llmux.services.stops import StopFilter
 from llmux.wire.chat import (
     SSE_DONE,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     Delta,
     FinishReason,
@@ -271,14 +270,7 @@ class ChatSession:
                 if isinstance(item, Finished):
                     buffer.put_nowait(events.chunk(Delta(), finish_reason=item.finish_reason))
                     if self.body.stream_options and self.body.stream_options.include_usage:
-                        usage = ChatCompletionChunk(
-                            id=self.id,
-                            created=self.created,
-                            model=self.body.model,
-                            choices=[],
-                            usage=item.usage,
-                        )
-                        buffer.put_nowait(sse_event(usage))
+                        buffer.put_nowait(events.usage(item.usage))
                 else:
                     buffer.put_nowait(events.event(item))
         except ApiError as exc:
@@ -302,9 +294,6 @@ class ChatSession:
         the client read is sent in one piece: one write for several events."""
         yield events.chunk(Delta(role="assistant", content=""))
         while (piece := await buffer.get()) is not None:
-            if buffer.empty():
-                yield piece
-                continue
             pieces = [piece]
             while not buffer.empty() and (piece := buffer.get_nowait()) is not None:
                 pieces.append(piece)

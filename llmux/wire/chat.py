@@ -343,10 +343,10 @@ class StreamEvents:
 
     def __init__(self, completion_id: str, created: int, model: str) -> None:
         self.completion_id, self.created, self.model = completion_id, created, model
-        mark = _TEXT_JSON.encode(uuid.uuid4().hex)
-        content = self.chunk(Delta(content=mark[1:-1]))
-        reasoning = self.chunk(Delta(reasoning_content=mark[1:-1], reasoning=mark[1:-1]))
-        self._content, self._reasoning = content.split(mark), reasoning.split(mark)
+        mark = uuid.uuid4().hex  # as JSON, itself in quotes
+        content = self.chunk(Delta(content=mark))
+        reasoning = self.chunk(Delta(reasoning_content=mark, reasoning=mark))
+        self._content, self._reasoning = content.split(f'"{mark}"'), reasoning.split(f'"{mark}"')
 
     def chunk(self, delta: Delta, finish_reason: FinishReason | None = None) -> str:
         """One chunk of this completion, with one choice."""
@@ -356,6 +356,18 @@ class StreamEvents:
                 created=self.created,
                 model=self.model,
                 choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            )
+        )
+
+    def usage(self, usage: Usage) -> str:
+        """The last chunk of a stream that asked for usage: no choices."""
+        return sse_event(
+            ChatCompletionChunk(
+                id=self.completion_id,
+                created=self.created,
+                model=self.model,
+                choices=[],
+                usage=usage,
             )
         )
 
