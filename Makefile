@@ -14,9 +14,10 @@ setup:
 setup-dev:
 	scripts/setup.sh --dev
 
-# Honours LLMUX_CONFIG_DIR, LLMUX_MODELS_DIR, and BentoML's BENTOML_HOST / BENTOML_PORT.
+# Honours LLMUX_CONFIG_DIR, LLMUX_MODELS_DIR, and BentoML's BENTOML_HOST / BENTOML_PORT. The flag
+# is llmux.settings.SERVE_FLAGS (idle keep-alive connections outlast the clients' pools).
 serve: setup
-	$(VENV)/bin/bentoml serve service:LLMux
+	$(VENV)/bin/bentoml serve service:LLMux --timeout-keep-alive 75
 
 test: setup-dev lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -21,6 +21,7 @@ import httpx
 import yaml
 
 from bench import qwen_transformers as qwen
+from llmux.settings import SERVE_FLAGS
 from runners.cpus import physical_cores
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,7 +189,7 @@ def start_llmux(work: Path, config: Path, *, run: int = 0) -> Served:
     env = _env(work, f"bentoml-llmux-{run}", **dirs)
     return _start(
         "llmux",
-        [str(BIN / "bentoml"), "serve", "service:LLMux"],
+        [str(BIN / "bentoml"), "serve", "service:LLMux", *SERVE_FLAGS],
         env,
         work / f"llmux-{run}.log",
         "/health",

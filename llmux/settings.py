@@ -14,6 +14,14 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 EMBEDDED_CONFIG_DIR = REPO_DIR / "config" / "local"
 MIB = 1024 * 1024
 
+# The flags llmux is served with (`make serve`, the image's CMD, the tests, the soak, the bench).
+# An idle keep-alive connection is held 75 s (uvicorn's default is 5 s): a client reuses a pooled
+# connection for up to its own idle expiry (httpx and the openai SDK 5 s, aiohttp and so Open
+# WebUI 15 s), and a server that closes one at the same moment as the client sends on it loses
+# that request ("Server disconnected without sending a response"; the openai SDK retries it,
+# `max_retries=0` and most other clients do not). The server must outlast the clients' expiry.
+SERVE_FLAGS = ("--timeout-keep-alive", "75")
+
 
 def _data_home() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")

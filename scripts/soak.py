@@ -14,7 +14,8 @@ Reports requests, 5xx, lost requests (no answer, or a cut stream), p50/p95 per k
 RSS at the start, after warm-up (every kind once, then a tenth of the requests) and at the end
 (those two with every model unloaded through /admin/, so that what happens to be resident does
 not decide them), and the swaps done. Exits non-zero on any 5xx, lost request, broken invariant,
-or RSS that grew after warm-up by more than 5 % + 32 MB; the last line is a one-line summary.
+or RSS that grew after warm-up by more than 5 % + 32 MB; the last line is a one-line summary. A
+failed soak keeps the server's log and prints its warnings, and each lost request's cause.
 Traffic goes only to 127.0.0.1, and every loop is bounded in count and time.
 """
 
@@ -39,6 +40,9 @@ import openai
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from llmux.settings import SERVE_FLAGS  # noqa: E402 - the repository is not installed
+
 MB = 1024 * 1024
 WEATHER = {
     "type": "function",
@@ -81,7 +85,7 @@ def start_server(work: Path, budget_gb: float) -> tuple[subprocess.Popen[bytes],
     }
     log = (work / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:LLMux"],
+        [str(Path(sys.executable).parent / "bentoml"), "serve", "service:LLMux", *SERVE_FLAGS],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -145,6 +149,7 @@ class Soak:
         self.broken: list[str] = []
         self.done = 0
         self.clip = b""
+        self.started = time.monotonic()
 
     def prepare(self) -> None:
         self.clip = self.client.audio.speech.create(
@@ -202,7 +207,8 @@ class Soak:
                         self.server_errors.append(f"{kind}: {exc.status_code} {exc.message}")
             except Exception as exc:  # a timeout, a reset, a cut stream: the request is lost
                 with self.lock:
-                    self.lost.append(f"{kind}: {type(exc).__name__}: {exc}")
+                    at = time.monotonic() - self.started
+                    self.lost.append(f"{kind} at {at:.1f} s: {cause(exc)}")
             else:
                 with self.lock:
                     self.latency[kind].append(time.monotonic() - started)
@@ -243,6 +249,17 @@ class Soak:
             for physical_id, model in models.items():
                 loads[physical_id] = max(loads.get(physical_id, 0), model["loads"])
         return sum(loads.values())
+
+
+def cause(exc: BaseException) -> str:
+    """The exception and what it was raised from: the openai SDK's "Connection error." alone
+    does not say whether the server reset the connection, cut a chunked body, or timed out."""
+    chain: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(chain) < 4:
+        chain.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(chain)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -337,7 +354,19 @@ def main() -> int:
         f"invariants, RSS {rss_warm / MB:.0f} -> {rss_end / MB:.0f} MB"
         f"{' (grew)' if grew else ''}, {loads[0] if loads else 0} loads"
     )
-    shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        # The server's log is the evidence of what went wrong: kept, and its warnings shown.
+        log = work / "serve.log"
+        warnings = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if any(word in line for word in ("WARNING", "ERROR", "Traceback", "Error"))
+        ]
+        for line in warnings[-20:]:
+            print(f"server: {line}")
+        print(f"soak: the server's log is kept in {log}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 

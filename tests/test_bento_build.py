@@ -6,6 +6,7 @@ the image) into a temporary BENTOML_HOME; the assertions read the bento's env/do
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from llmux.settings import SERVE_FLAGS
 
 ROOT = Path(__file__).resolve().parent.parent
 # A real `bentoml build` per module: slow, so `make test-fast` leaves it out.
@@ -194,8 +197,18 @@ def test_shutdown_is_bounded_inside_podman_stop(dockerfile: str) -> None:
     """The entrypoint runs `bentoml serve "$@"` for flag arguments: the drain is bounded (25 s)
     below the pod's `podman stop` timeout (30 s, create_pod_llmux.sh)."""
     final = stages(dockerfile)["final"]
-    assert final.rstrip().endswith('CMD ["--timeout-graceful-shutdown", "25"]')
+    cmd = json.loads(final.rstrip().splitlines()[-1].removeprefix("CMD "))
+    assert cmd[:2] == ["--timeout-graceful-shutdown", "25"]
     assert "--stop-timeout 30" in (ROOT / "scripts" / "create_pod_llmux.sh").read_text()
+
+
+def test_the_image_and_make_serve_run_llmux_with_its_serve_flags(dockerfile: str) -> None:
+    """The keep-alive flag that keeps idle connections past the clients' pools (tests/test_serve
+    proves what it does) is what the image and `make serve` pass, not only what tests pass."""
+    cmd = json.loads(stages(dockerfile)["final"].rstrip().splitlines()[-1].removeprefix("CMD "))
+    assert cmd[2:] == list(SERVE_FLAGS)
+    recipe = (ROOT / "Makefile").read_text().split("\nserve: setup\n", 1)[1].splitlines()[0]
+    assert recipe.split() == ["$(VENV)/bin/bentoml", "serve", "service:LLMux", *SERVE_FLAGS]
 
 
 def test_environment_and_port(dockerfile: str) -> None:

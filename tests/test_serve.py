@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from llmux.settings import SERVE_FLAGS
 from tests.conftest import REPO, TEST_KEY
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def start_server(
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed by the fixture
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = subprocess.Popen(
-        [str(bentoml), "serve", "service:LLMux"],
+        [str(bentoml), "serve", "service:LLMux", *SERVE_FLAGS],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -132,6 +133,44 @@ def test_bentoml_serve_answers_as_the_issue_says(server: str, tmp_path: Path) ->
     log = (tmp_path / "serve.log").read_text()
     assert TEST_KEY not in log
     assert "client=test-client" in log
+
+
+def test_an_idle_keep_alive_connection_outlasts_the_clients_pools(server: str) -> None:
+    """A client's pool keeps an idle connection for its own expiry (httpx and the openai SDK 5 s,
+    aiohttp, so Open WebUI, 15 s) and then sends on it. With uvicorn's 5 s the server closed it
+    at that moment: the soak lost a stream to "Server disconnected without sending a response",
+    and the openai SDK with max_retries=0 lost 1 request in 45 sent after 4.997-5.003 s idle.
+    The server must still answer on a connection idle for longer than the clients keep one."""
+    host, port = server.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for idle_s in (0.0, 16.0):
+            time.sleep(idle_s)
+            sock.sendall(request)
+            head = _read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200"), (idle_s, head)
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length body; b"" if the server closed the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        body += piece
+    return head
 
 
 def test_chat_answers_from_a_real_bentoml_serve(tmp_path: Path) -> None:
