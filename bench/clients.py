@@ -382,21 +382,31 @@ def requests_per_second(
 
 
 def socket_floor_us(
-    interval_s: float, messages: int = 1000, size: int = 200
+    interval_s: float, messages: int = 1000, size: int = 200, *, wait_s: float = 60.0
 ) -> tuple[float, float]:
     """CPU microseconds one event costs at the least on this machine, writer's and reader's: a
     thread that writes `size` bytes to a loopback TCP connection every `interval_s`, and a
     reader in another process that only receives them, each one's CPU time per message. No
-    server can stream a token for less, nor a client read it, whatever either does besides."""
+    server can stream a token for less, nor a client read it, whatever either does besides.
+    A reader that dies is an error within `wait_s`, not a wait for ever."""
     context = multiprocessing.get_context("spawn")
-    results = context.SimpleQueue()
+    results, sent = context.Pipe(duplex=False)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         reader = context.Process(
-            target=_floor_reader, args=(listener.getsockname()[1], messages * size, results)
+            target=_floor_reader, args=(listener.getsockname()[1], messages * size, sent)
         )
         reader.start()
-        conn, _ = listener.accept()
-    with conn:
+        sent.close()  # the reader's end: closed here, a dead reader's pipe reads as ended
+        try:
+            listener.settimeout(wait_s)
+            conn, _ = listener.accept()
+        except TimeoutError:
+            reader.kill()
+            reader.join()
+            raise RuntimeError(
+                f"the floor's reader never connected (exit code {reader.exitcode})"
+            ) from None
+    with conn, results:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         payload = b"x" * size
         started = time.thread_time()
@@ -404,7 +414,16 @@ def socket_floor_us(
             conn.sendall(payload)
             time.sleep(interval_s)
         writer_s = time.thread_time() - started
-        reader_s = float(results.get())
+        try:
+            if not results.poll(wait_s):
+                raise EOFError
+            reader_s = float(results.recv())
+        except EOFError:
+            reader.kill()
+            reader.join()
+            raise RuntimeError(
+                f"the floor's reader gave no figure (exit code {reader.exitcode})"
+            ) from None
     reader.join()
     return writer_s / messages * 1e6, reader_s / messages * 1e6
 
@@ -415,4 +434,4 @@ def _floor_reader(port: int, total: int, results: Any) -> None:
         got = 0
         while got < total and (data := conn.recv(1 << 16)):
             got += len(data)
-        results.put(time.thread_time() - started)
+        results.send(time.thread_time() - started)

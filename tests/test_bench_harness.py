@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import re
 import socket
@@ -93,6 +94,37 @@ def test_the_socket_floor_counts_the_cpu_of_writer_and_reader() -> None:
     assert writer > 0 and reader > 0  # each side's CPU measured, in its own thread and process
 
 
+def test_the_socket_floor_fails_when_its_reader_dies() -> None:
+    """Its reader process killed as soon as it exists (before it connects, or mid-run): an
+    error within the wait, where it waited for ever on the accept or the figure."""
+
+    def kill_the_reader() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            children = multiprocessing.active_children()
+            if children:
+                children[0].kill()
+                return
+            time.sleep(0.001)
+
+    outcome: list[BaseException | tuple[float, float]] = []
+
+    def measure() -> None:
+        try:
+            outcome.append(socket_floor_us(0.001, messages=2000, wait_s=3))
+        except Exception as exc:
+            outcome.append(exc)
+
+    killer = threading.Thread(target=kill_the_reader)
+    killer.start()
+    worker = threading.Thread(target=measure, daemon=True)
+    worker.start()
+    worker.join(30)
+    killer.join()
+    assert outcome, "socket_floor_us still waits for a reader that was killed"
+    assert isinstance(outcome[0], RuntimeError | ConnectionError), outcome[0]
+
+
 def test_the_batched_contender_uses_llmux_batch_size() -> None:
     """The in-process batching contender is configured with llmux's default batch size, which
     the bench process cannot import (it imports no model library)."""
@@ -100,6 +132,16 @@ def test_the_batched_contender_uses_llmux_batch_size() -> None:
     from runners.transformers_llm import DEFAULT_MAX_BATCH_SIZE
 
     assert gateway.DEFAULT_MAX_BATCH_SIZE == DEFAULT_MAX_BATCH_SIZE
+
+
+def test_the_bench_counts_shared_prompt_pages_in_llmux_page_size() -> None:
+    """The real transformers model's prompt is sized to span complete cache pages (the ones the
+    manager shares between requests); the bench's page size is llmux's."""
+    from bench import gateway
+    from runners.batching import PAGE_TOKENS
+
+    assert gateway.PAGE_TOKENS == PAGE_TOKENS
+    assert gateway.BRIEF.startswith(gateway.PROMPT)
 
 
 def test_targets_pass_fail_or_unmeasured() -> None:
