@@ -35,9 +35,21 @@ from bench.clients import (
 from bench.context import MAIN_CONTEXT, MAIN_GGUF, MAIN_LLM, TINY_LLM, Bench
 from bench.inprocess import Isolated, LlamaInProcess, TransformersInProcess
 from bench.servers import KEY, start_llama_server
-from bench.stats import Section, difference, interleave, median, percentile, ratio
+from bench.stats import (
+    Section,
+    difference,
+    difference_of_medians,
+    interleave,
+    interval,
+    median,
+    percentile,
+    ratio,
+    ratio_of_medians,
+)
 from bench.tiny import PROMPT as TINY_PROMPT
 
+# The path the targets judge, against each section's baseline.
+JUDGED = "llmux"
 BATCHED = "in-process, batched"
 BATCHED_PINNED = "in-process, batched, llmux's malloc"
 # llmux's batch size for a transformers model that batches and sets none (runners.transformers_llm;
@@ -123,6 +135,8 @@ def gateway_section(
         if name != baseline:
             section.figures[f"{slug}_tok_s_ratio"] = ratio(rate, base_rate)
             section.figures[f"{slug}_added_ttft_ms"] = None if added is None else added * 1000
+        if name == JUDGED:
+            _add_intervals(section, slug, good, [r for r in results[baseline] if r.error is None])
         if good and good[0].counted_from != "usage":
             section.notes.append(f"{name} sends no usage in a stream: tokens counted from chunks")
         if base_text and good and name != baseline and good[0].text != base_text:
@@ -136,6 +150,22 @@ def gateway_section(
         "prompt again"
     )
     return section
+
+
+def _add_intervals(
+    section: Section, slug: str, runs: list[StreamResult], base: list[StreamResult]
+) -> None:
+    """The 90 % bootstrap intervals of the judged path's two figures over this run's rounds
+    (`<figure>_low`, `<figure>_high`): the targets show them, so that a verdict the run's noise
+    could turn over reads as such."""
+    rates = interval(
+        ratio_of_medians, [r.decode_tok_s for r in runs], [r.decode_tok_s for r in base]
+    )
+    added = interval(difference_of_medians, [r.ttft_s for r in runs], [r.ttft_s for r in base])
+    for figure, bounds, scale in (("tok_s_ratio", rates, 1), ("added_ttft_ms", added, 1000)):
+        if bounds is not None:
+            section.figures[f"{slug}_{figure}_low"] = bounds[0] * scale
+            section.figures[f"{slug}_{figure}_high"] = bounds[1] * scale
 
 
 def gateway_llamacpp(bench: Bench) -> Section:

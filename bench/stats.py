@@ -7,8 +7,9 @@ every helper passes None through.
 from __future__ import annotations
 
 import math
+import random
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -45,6 +46,43 @@ def difference(a: Number | None, b: Number | None) -> float | None:
     if a is None or b is None:
         return None
     return float(a) - float(b)
+
+
+def interval(
+    statistic: Callable[[list[float], list[float]], float | None],
+    a: Iterable[Number | None],
+    b: Iterable[Number | None],
+    *,
+    share: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """The central `share` of `statistic(a, b)` over bootstrap resamples of each side's
+    measurements (drawn with replacement, each side on its own): how far this run's rounds let
+    the figure move. Seeded, so a report is reproducible from its rounds. None with fewer than
+    two measurements a side."""
+    a_values = [float(v) for v in a if v is not None and math.isfinite(v)]
+    b_values = [float(v) for v in b if v is not None and math.isfinite(v)]
+    if len(a_values) < 2 or len(b_values) < 2:
+        return None
+    draw = random.Random(seed).choices
+    found = [
+        value
+        for _ in range(resamples)
+        if (value := statistic(draw(a_values, k=len(a_values)), draw(b_values, k=len(b_values))))
+        is not None
+    ]
+    tail = (1 - share) / 2
+    low, high = percentile(found, tail), percentile(found, 1 - tail)
+    return None if low is None or high is None else (low, high)
+
+
+def ratio_of_medians(a: list[float], b: list[float]) -> float | None:
+    return ratio(median(a), median(b))
+
+
+def difference_of_medians(a: list[float], b: list[float]) -> float | None:
+    return difference(median(a), median(b))
 
 
 def interleave(contenders: Sequence[T], round_index: int) -> list[T]:

@@ -1,7 +1,10 @@
 """The targets of issue #16 that later work must meet, checked against a run's figures.
 
 The bench reports each as a PASS or FAIL line; it never fails because of one (a target is where
-the code should get to, not a test). A figure the run could not measure is UNMEASURED.
+the code should get to, not a test). A figure the run could not measure is UNMEASURED. Where the
+section gives a 90 % bootstrap interval over its rounds (`<figure>_low`, `<figure>_high`: the
+gateway rows), the line shows it, and says when the interval spans the target: the verdict is
+the median's, and this run's noise could have turned it over.
 
 The streaming-rate target (0.98x in process) is judged on the real models, as the issue set it.
 The tiny random model's rate is reported beside the floor its section measures: its token takes
@@ -124,6 +127,15 @@ def evaluate(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         value = float(value) if isinstance(value, int | float) else None
         status = target.judge(value)
         shown = "not measured" if value is None else f"{_shown(value, target.limit)}{target.unit}"
+        bounds = [figures.get(f"{target.figure}_{end}") for end in ("low", "high")]
+        spread: list[float] | None = None
+        noise = ""
+        if value is not None and all(isinstance(b, int | float) for b in bounds):
+            spread = [float(b) for b in bounds]
+            low, high = (f"{b:.2f}{target.unit}" for b in spread)
+            noise = f"; 90 % interval over the rounds {low} to {high}"
+            if target.judge(spread[0]) != target.judge(spread[1]):
+                noise += ", which spans the target: this run's noise decides the verdict"
         verdicts.append(
             {
                 "name": target.name,
@@ -133,8 +145,9 @@ def evaluate(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "op": target.op,
                 "limit": target.limit,
                 "status": status,
+                "interval": spread,
                 "line": f"{status:<10} {target.name}: {shown} "
-                f"(target {target.op} {target.limit:g}{target.unit})",
+                f"(target {target.op} {target.limit:g}{target.unit}{noise})",
             }
         )
     return verdicts

@@ -35,7 +35,17 @@ from bench.openwebui_tools import openwebui_tools
 from bench.qwen_transformers import convert_gguf
 from bench.report import cell, render, table
 from bench.run import NOT_QUICK, SECTIONS, parse
-from bench.stats import Section, interleave, median, numbers_in, percentile, ratio
+from bench.stats import (
+    Section,
+    difference_of_medians,
+    interleave,
+    interval,
+    median,
+    numbers_in,
+    percentile,
+    ratio,
+    ratio_of_medians,
+)
 from bench.targets import TARGETS, evaluate
 from tests.conftest import GEMMA, MODELS_DIR, REPO, real_models
 
@@ -142,6 +152,45 @@ def test_the_bench_counts_shared_prompt_pages_in_llmux_page_size() -> None:
 
     assert gateway.PAGE_TOKENS == PAGE_TOKENS
     assert gateway.BRIEF.startswith(gateway.PROMPT)
+
+
+def test_the_bootstrap_interval_shows_how_far_the_rounds_let_a_figure_move() -> None:
+    steady = interval(ratio_of_medians, [10.0, 10.0, 10.0], [10.0, 10.0, 10.0])
+    assert steady == (1.0, 1.0)
+    noisy_a, noisy_b = [8.2, 9.5, 10.1, 11.4, 9.0], [9.1, 10.3, 8.7, 11.9, 10.0]
+    low, high = interval(ratio_of_medians, noisy_a, noisy_b)  # type: ignore[misc]
+    assert low < ratio_of_medians(noisy_a, noisy_b) < high  # type: ignore[operator]
+    assert high - low > 0.1  # rounds that spread 8-12 cannot pin a 2 % difference
+    assert interval(ratio_of_medians, noisy_a, noisy_b) == (low, high)  # seeded: reproducible
+    gap = interval(difference_of_medians, [0.30, 0.31, 0.29], [0.10, 0.11, 0.09])
+    assert gap is not None and 0.17 < gap[0] <= gap[1] < 0.23
+    assert interval(ratio_of_medians, [1.0], [1.0, 2.0]) is None  # one round is no spread
+    assert interval(ratio_of_medians, [1.0, None, float("nan")], [1.0, 2.0]) is None
+
+
+def test_a_target_line_says_when_the_runs_noise_spans_it() -> None:
+    figures = {
+        "llmux_tok_s_ratio": 0.96,
+        "llmux_tok_s_ratio_low": 0.90,
+        "llmux_tok_s_ratio_high": 1.03,
+        "llmux_added_ttft_ms": 4.0,
+        "llmux_added_ttft_ms_low": 1.0,
+        "llmux_added_ttft_ms_high": 7.5,
+    }
+    verdicts = {
+        v["figure"]: v
+        for v in evaluate({"gateway_llamacpp": {"figures": figures}})
+        if v["section"] == "gateway_llamacpp"
+    }
+    rate = verdicts["llmux_tok_s_ratio"]
+    assert rate["status"] == "FAIL" and rate["interval"] == [0.90, 1.03]
+    assert rate["line"].endswith(
+        "0.96x (target >= 0.98x; 90 % interval over the rounds 0.90x to 1.03x, which spans the "
+        "target: this run's noise decides the verdict)"
+    )
+    ttft = verdicts["llmux_added_ttft_ms"]
+    assert ttft["status"] == "PASS" and ttft["line"].endswith("1.00 ms to 7.50 ms)")
+    assert "spans" not in ttft["line"]
 
 
 def test_targets_pass_fail_or_unmeasured() -> None:
