@@ -276,8 +276,18 @@ def warm_tier(bench: Bench) -> Section:
     is the cold-load section's "warm load"."""
     rows: dict[str, list[dict[str, float | None]]] = {"cold load": [], "unpark": []}
     errors: list[str] = []
+    llm_resident = 0  # timed requests that found an LLM resident (their TTFT has an eviction)
 
     def timed(client: Streams, series: str) -> dict[str, float | None]:
+        nonlocal llm_resident
+        resident = [
+            name
+            for name, model in (bench.health().get("loaded_models") or {}).items()
+            if model.get("type") == "llm"
+        ]
+        if resident:
+            llm_resident += 1
+            errors.append(f"{', '.join(resident)} resident before a timed request")
         before = bench.metric_sums()
         result = stream_chat(client, bench.llmux.base, KEY, _short(TINY_LLM))
         after = bench.metric_sums()
@@ -319,6 +329,7 @@ def warm_tier(bench: Bench) -> Section:
     section.figures["cold_load_s"] = cold
     section.figures["unpark_s"] = median(r["seconds"] for r in rows["unpark"])
     section.figures["unpark_over_cold"] = ratio(section.figures["unpark_s"], cold)
+    section.figures["llm_resident_before_timed"] = llm_resident
     section.notes.append(
         "seconds: llmux_model_load_seconds against llmux_model_unpark_seconds from /metrics; on "
         "a machine without a GPU an unpark moves no weights, and restarts the model's batch "

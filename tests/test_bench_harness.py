@@ -523,6 +523,8 @@ def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
         assert figures["side_request_alone_ms"] > 0, backend
         assert figures["side_answered_during"] in (0.0, 1.0), backend
     assert sections["openwebui"]["figures"]["transformers_second_over_first_ttft"] is not None
+    # Neither warm-tier TTFT includes an eviction: no LLM was resident before either request.
+    assert sections["warm_tier"]["figures"]["llm_resident_before_timed"] == 0
     assert sections["gateway_transformers_tiny"]["figures"]["socket_floor_us"] > 0
     assert 0 < sections["gateway_transformers_tiny"]["figures"]["socket_floor_best_tok_s_ratio"] < 1
     gateway_rows = {row["path"] for row in sections["gateway_transformers_tiny"]["rows"]}
