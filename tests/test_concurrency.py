@@ -130,8 +130,11 @@ def test_max_workers_still_bounds_the_calls_running_at_once() -> None:
 
 # A parallel CPU operation of torch's, run through the pool named in argv: the OpenMP worker
 # threads it started that are still alive afterwards (threads of the process, not Python's).
+# The count is read until it is back to where it was, for up to 3 s: a thread that has ended
+# (joined) leaves /proc/self/task a moment later, and its OpenMP workers, told to stop when it
+# ends, on their own schedule. Counted at once, a loaded CI machine saw both still there.
 OPENMP_PROBE = """
-import os, sys
+import os, sys, time
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from llmux.core.concurrency import ThreadPerCall
@@ -141,8 +144,12 @@ def threads():
 
 pool = (ThreadPerCall if sys.argv[1] == "per_call" else ThreadPoolExecutor)(1, "probe")
 pool.submit(lambda: None).result()  # the pool's own thread, before counting
+time.sleep(0.2)
 before = threads()
 pool.submit(lambda: float((torch.ones(4_000_000) * 2).sum())).result()
+deadline = time.monotonic() + 3
+while threads() > before and time.monotonic() < deadline:
+    time.sleep(0.01)
 print(threads() - before)
 """
 
