@@ -191,7 +191,7 @@ def gateway_llamacpp(bench: Bench) -> Section:
                 {
                     "in-process": lambda: local.call("stream", opts.tokens),
                     "llama_cpp.server": lambda: stream_chat(client, server.base, "none", plain),
-                    "llmux": lambda: stream_chat(client, bench.llmux.base, KEY, body),
+                    JUDGED: lambda: stream_chat(client, bench.llmux.base, KEY, body),
                 },
                 opts.rounds,
             )
@@ -297,7 +297,7 @@ def transformers_rows(
                         "stream_batched", opts.tokens, DEFAULT_MAX_BATCH_SIZE, context
                     ),
                     "in-process, generate": lambda: local.call("stream", opts.tokens),
-                    "llmux": lambda: stream_chat(client, bench.llmux.base, KEY, body),
+                    JUDGED: lambda: stream_chat(client, bench.llmux.base, KEY, body),
                 },
                 opts.rounds,
             )
@@ -326,7 +326,7 @@ def transformers_rows(
             "the rest; model.generate keeps no cache and prefills all of it"
         )
     (rate, ttft), (pinned_rate, pinned_ttft) = (
-        _rate_and_ttft(results[name]) for name in ("llmux", BATCHED_PINNED)
+        _rate_and_ttft(results[name]) for name in (JUDGED, BATCHED_PINNED)
     )
     section.figures["llmux_over_pinned_tok_s_ratio"] = ratio(rate, pinned_rate)
     added = difference(ttft, pinned_ttft)

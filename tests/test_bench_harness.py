@@ -489,6 +489,29 @@ def _marked(function: Any) -> Any:
 
 
 @_marked
+def test_the_real_models_prompt_spans_two_shared_cache_pages() -> None:
+    """BRIEF, rendered with the model's own chat template (the GGUF's, which the dequantized
+    checkpoint carries) and tokenized as the manager sees it: more than two complete pages, so
+    the TTFT is a short prefill plus the path; PROMPT alone fills less than one."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from bench import gateway
+
+    vocab = Llama(str(QWEN), vocab_only=True, verbose=False)
+    template = Jinja2ChatFormatter(
+        vocab.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token=""
+    )
+
+    def tokens(text: str) -> int:
+        prompt = template(messages=[{"role": "user", "content": text}]).prompt
+        return len(vocab.tokenize(prompt.encode(), add_bos=False, special=True))
+
+    assert tokens(gateway.PROMPT) < gateway.PAGE_TOKENS
+    assert 2 * gateway.PAGE_TOKENS < tokens(gateway.BRIEF) < 3 * gateway.PAGE_TOKENS
+
+
+@_marked
 def test_quick_bench_measures_every_section(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {
